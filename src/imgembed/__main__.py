@@ -1,0 +1,5 @@
+import sys
+
+from imgembed.cli import main
+
+sys.exit(main())

@@ -1,0 +1,39 @@
+"""Retrieval metrics of the test embeddings, leave-one-out, as flat JSON for DVC."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from imgembed.errors import UserError
+from imgembed.files import write_json
+from imgembed.metrics import leave_one_out_neighbours, neighbours_needed, per_class_precision_at_1, retrieval_metrics
+
+log = logging.getLogger("imgembed")
+
+
+def load_embeddings(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found; run the embed stage first") from None
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path}: not a readable embeddings file ({err})") from None
+
+
+def evaluate_file(embeddings_path: Path, output_dir: Path, cfg: dict[str, Any]) -> dict[str, float]:
+    data = load_embeddings(embeddings_path)
+    labels = data["labels"]
+    neighbours = leave_one_out_neighbours(data["embeddings"], neighbours_needed(labels), cfg["evaluate"]["chunk_size"])
+    metrics = retrieval_metrics(labels, neighbours)
+    per_class = per_class_precision_at_1(labels, neighbours, [str(c) for c in data["class_names"]])
+    write_json(Path(output_dir) / "per_class.json", per_class)
+    write_json(Path(output_dir) / "metrics.json", metrics)
+    log.info("%s: P@1 %.3f, mP@5 %.3f, MAP@R %.3f, R@1/5/10 %.3f/%.3f/%.3f over %d queries",
+             embeddings_path, metrics["precision_at_1"], metrics["map_at_5"], metrics["map_at_r"],
+             metrics["recall_at_1"], metrics["recall_at_5"], metrics["recall_at_10"], metrics["num_queries"])
+    return metrics

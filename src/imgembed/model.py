@@ -1,0 +1,167 @@
+"""The embedding network: a timm backbone, a small head, optional L2 normalisation."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imgembed.errors import UserError
+from imgembed.files import atomic_path
+
+log = logging.getLogger("imgembed")
+
+
+class EmbeddingNet(nn.Module):
+    """backbone (pooled features) -> head -> embedding, L2-normalised when `normalize`."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, normalize: bool, freeze_backbone: bool,
+                 freeze_batchnorm: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.normalize = normalize
+        self.freeze_backbone = freeze_backbone
+        self.freeze_batchnorm = freeze_batchnorm
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "EmbeddingNet":
+        """A frozen backbone stays in eval mode, so its BatchNorm statistics never drift."""
+        super().train(mode)
+        if mode and self.freeze_backbone:
+            self.backbone.eval()
+        elif mode and self.freeze_batchnorm:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def embed_features(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.head(features)
+        return F.normalize(out, dim=1) if self.normalize else out
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed_features(self.backbone(images))
+
+
+def build_head(in_features: int, embedding_dim: int, kind: str, hidden: list[int]) -> nn.Module:
+    """`linear`, or the seed's `mlp` (features -> hidden... -> embedding_dim with PReLU)."""
+    if kind == "linear":
+        return nn.Linear(in_features, embedding_dim)
+    layers: list[nn.Module] = []
+    width = in_features
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.PReLU()]
+        width = size
+    layers.append(nn.Linear(width, embedding_dim))
+    return nn.Sequential(*layers)
+
+
+def check_backbone_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+    raise UserError(f"model.backbone: '{name}' is not a timm model{hint}")
+
+
+def create_backbone(model_cfg: dict[str, Any]) -> nn.Module:
+    """timm backbone without classifier; pretrained from model.weights or timm's hub.
+
+    If pretrained weights are asked for and cannot be loaded this stops: training from random
+    weights by accident would waste hours and look like a bad recipe.
+    """
+    name = model_cfg["backbone"]
+    check_backbone_name(name)
+    weights = model_cfg["weights"]
+    if weights and not model_cfg["pretrained"]:
+        raise UserError("model.weights is set but model.pretrained is false; set model.pretrained: true to use it")
+    if not model_cfg["pretrained"]:
+        return timm.create_model(name, pretrained=False, num_classes=0)
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise UserError(f"model.weights: {path}: file not found")
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
+        except Exception as err:  # timm raises RuntimeError/KeyError/pickle errors for a file that does not fit
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"model.weights: {path} does not fit backbone {name}: {first[:300]}") from None
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"model.pretrained: could not load pretrained weights for {name} ({first[:200]}); "
+            "set model.weights to a local file, or model.pretrained: false to train from scratch"
+        ) from None
+
+
+def create_embedding_net(model_cfg: dict[str, Any]) -> EmbeddingNet:
+    backbone = create_backbone(model_cfg)
+    head = build_head(backbone.num_features, model_cfg["embedding_dim"], model_cfg["head"], model_cfg["head_hidden"])
+    return EmbeddingNet(backbone, head, model_cfg["normalize"], model_cfg["freeze_backbone"], model_cfg["freeze_batchnorm"])
+
+
+def describe_model(net: EmbeddingNet, model_cfg: dict[str, Any], precision: str) -> dict[str, Any]:
+    """What model.json records: enough to use embedding_net.pt without this project's code."""
+    pretrained_cfg = net.backbone.pretrained_cfg
+    return {
+        "format": "torchscript",
+        "file": "embedding_net.pt",
+        "backbone": model_cfg["backbone"],
+        "backbone_features": int(net.backbone.num_features),
+        "pretrained": bool(model_cfg["pretrained"]),
+        "weights": model_cfg["weights"],
+        "embedding_dim": int(model_cfg["embedding_dim"]),
+        "normalized": bool(model_cfg["normalize"]),
+        "image_size": int(model_cfg["image_size"]),
+        "mean": [float(v) for v in pretrained_cfg.get("mean", (0.485, 0.456, 0.406))],
+        "std": [float(v) for v in pretrained_cfg.get("std", (0.229, 0.224, 0.225))],
+        "interpolation": pretrained_cfg.get("interpolation", "bicubic"),
+        "input": "float32 NCHW RGB, values scaled to [0, 1], then (x - mean) / std; resize the "
+                 "shorter side to image_size and centre-crop",
+        "precision": precision,
+    }
+
+
+def export_torchscript(net: EmbeddingNet, image_size: int, path: Path) -> None:
+    """Trace in fp32 on the CPU so the file loads anywhere with plain PyTorch."""
+    net = net.eval().float().cpu()
+    example = torch.zeros(2, 3, image_size, image_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.export, but TorchScript is the seed's format.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(net, example)
+    with atomic_path(path) as tmp:
+        torch.jit.save(traced, str(tmp))
+
+
+@torch.no_grad()
+def embed_batches(net: nn.Module, loader: Any, accelerator: Any, desc: str = "embed") -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings and labels of every item of `loader`, gathered from all processes.
+
+    `gather_for_metrics` drops the samples a distributed sampler repeats to even out the last
+    batch, so each item appears exactly once, in loader order.
+    """
+    from tqdm import tqdm
+
+    net.eval()
+    embeddings, labels = [], []
+    for inputs, targets in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_main_process, mininterval=1):
+        with accelerator.autocast():
+            out = net(inputs)
+        out, targets = accelerator.gather_for_metrics((out.float(), targets))
+        embeddings.append(out.cpu())
+        labels.append(targets.cpu())
+    return torch.cat(embeddings).numpy(), torch.cat(labels).numpy()

@@ -1,0 +1,336 @@
+"""Train the embedding network with triplet loss on class-balanced P x K batches.
+
+Launched with `accelerate launch`, which picks the device(s) and the process count; mixed
+precision comes from the config. Each epoch ends with validation retrieval metrics, the best
+weights by val mP@5, and a resumable checkpoint, so a rerun after a crash continues where
+it stopped instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from pytorch_metric_learning import distances, losses, miners
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
+
+from imgembed.config import fingerprint
+from imgembed.data import ImageDataset, build_transform, class_balanced_sampler, load_split
+from imgembed.errors import UserError
+from imgembed.files import atomic_path, write_json
+from imgembed.metrics import evaluate_embeddings
+from imgembed.mining import random_triplets
+from imgembed.model import EmbeddingNet, create_embedding_net, describe_model, embed_batches, export_torchscript
+
+log = logging.getLogger("imgembed")
+
+
+# ---- the maths: schedule, loss and miner -------------------------------------------------
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, train_cfg: dict[str, Any], steps_per_epoch: int) -> float:
+    """Learning-rate multiplier: linear warm-up then cosine decay, or the seed's step decay."""
+    if train_cfg["scheduler"] == "step":
+        return train_cfg["gamma"] ** ((step // max(steps_per_epoch, 1)) // train_cfg["step_size"])
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_distance(train_cfg: dict[str, Any]) -> distances.BaseDistance:
+    kind = train_cfg["distance"]
+    if kind == "cosine":
+        return distances.CosineSimilarity()
+    return distances.LpDistance(normalize_embeddings=False, p=2, power=2 if kind == "squared_euclidean" else 1)
+
+
+class TripletObjective:
+    """Mining + triplet margin loss from pytorch-metric-learning, or the seed's random triplets."""
+
+    def __init__(self, train_cfg: dict[str, Any]) -> None:
+        distance = make_distance(train_cfg)
+        self.loss = losses.TripletMarginLoss(margin=train_cfg["loss_margin"], distance=distance)
+        kind = train_cfg["miner"]
+        self.miner = None if kind == "random" else miners.TripletMarginMiner(
+            margin=train_cfg["loss_margin"], type_of_triplets=kind, distance=distance
+        )
+
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        embeddings = embeddings.float()
+        triplets = self.miner(embeddings, labels) if self.miner else random_triplets(labels)
+        return self.loss(embeddings, labels, triplets), int(triplets[0].numel())
+
+
+# ---- data --------------------------------------------------------------------------------
+
+class FeatureHead(nn.Module):
+    """The trainable part of a frozen-backbone net, fed with cached backbone features."""
+
+    def __init__(self, net: EmbeddingNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net.embed_features(features)
+
+
+def cached_features(net: EmbeddingNet, dataset: ImageDataset, batch_size: int, accelerator: Accelerator,
+                    desc: str) -> TensorDataset:
+    """Backbone features of every image, computed once: a frozen backbone without augmentation
+    gives the same features every epoch, so recomputing them is pure waste."""
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    backbone = accelerator.prepare(net.backbone)
+    features, labels = embed_batches(backbone, loader, accelerator, desc=desc)
+    return TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))
+
+
+# ---- checkpointing -----------------------------------------------------------------------
+
+class Checkpoints:
+    """models/D/checkpoints/: `last/` (accelerate state), `best.pt` and `state.json`.
+
+    state.json records the config fingerprint, the last finished epoch, the best score and the
+    per-epoch history, so a resumed run restores its logs too. A checkpoint made with other
+    settings is never resumed.
+    """
+
+    def __init__(self, model_dir: Path, key: str) -> None:
+        self.dir = model_dir / "checkpoints"
+        self.key = key
+        self.state_file = self.dir / "state.json"
+        self.best_file = self.dir / "best.pt"
+
+    def load_state(self) -> dict[str, Any] | None:
+        try:
+            state = json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        if state.get("fingerprint") != self.key or not (self.dir / "last").is_dir():
+            log.info("ignoring checkpoint in %s: made with other settings", self.dir)
+            return None
+        return state
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def save(self, accelerator: Accelerator, state: dict[str, Any]) -> None:
+        """Write the new state beside the old one, then swap: a kill at any point leaves one whole."""
+        tmp = self.dir / "last.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            old = self.dir / "last.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if (self.dir / "last").exists():
+                (self.dir / "last").rename(old)
+            tmp.rename(self.dir / "last")
+            write_json(self.state_file, state)
+            shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def save_best(self, net: nn.Module) -> None:
+        with atomic_path(self.best_file) as tmp:
+            torch.save(net.state_dict(), tmp)
+
+
+# ---- logging -----------------------------------------------------------------------------
+
+def open_live(live_dir: Path, params: dict[str, Any], history: list[dict[str, float]]) -> Any:
+    """DVCLive without its side effects: no DVC experiment, no edits to dvc.yaml."""
+    from dvclive import Live
+
+    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None, report=None)
+    live.log_params(params)
+    for record in history:  # restore the epochs a previous, interrupted run logged
+        log_epoch(live, record)
+    return live
+
+
+def log_epoch(live: Any, record: dict[str, float]) -> None:
+    for key, value in record.items():
+        if key != "epoch":
+            live.log_metric(key, value)
+    live.next_step()
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# ---- the training run --------------------------------------------------------------------
+
+def effective_precision(accelerator: Accelerator, requested: str) -> str:
+    """What really runs: accelerate quietly runs fp16 as fp32 on the CPU."""
+    if requested == "fp16" and accelerator.device.type == "cpu":
+        log.warning("train.mixed_precision=fp16 is not supported on the CPU: running in fp32; use bf16 for real mixed precision")
+        return "no"
+    return requested
+
+
+def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    model_cfg, data_cfg, train_cfg = cfg["model"], cfg["data"], cfg["train"]
+    accelerator = Accelerator(mixed_precision=train_cfg["mixed_precision"])
+    precision = effective_precision(accelerator, train_cfg["mixed_precision"])
+    main = accelerator.is_main_process
+    set_seed(train_cfg["seed"])
+
+    train_split, val_split = load_split(data_dir, "train"), load_split(data_dir, "val")
+    net = create_embedding_net(model_cfg)
+    info = describe_model(net, model_cfg, precision)
+    use_feature_cache = model_cfg["freeze_backbone"] and not data_cfg["augment"]
+    batch_size = data_cfg["classes_per_batch"] * data_cfg["samples_per_class"]
+    sampler = class_balanced_sampler(train_split.labels, data_cfg["classes_per_batch"], data_cfg["samples_per_class"])
+    loader_kwargs = dict(num_workers=data_cfg["num_workers"], pin_memory=accelerator.device.type == "cuda")
+
+    eval_transform = build_transform(info, data_cfg, training=False)
+    train_images = ImageDataset(train_split, build_transform(info, data_cfg, training=not use_feature_cache),
+                                model_cfg["image_size"], data_cfg["cache_bytes"])
+    val_images = ImageDataset(val_split, eval_transform, model_cfg["image_size"], data_cfg["cache_bytes"])
+    if use_feature_cache:
+        net.to(accelerator.device)
+        train_set = cached_features(net, train_images, batch_size, accelerator, "train features")
+        val_set = cached_features(net, val_images, batch_size, accelerator, "val features")
+        trainable: nn.Module = FeatureHead(net)
+        loader_kwargs = dict(num_workers=0)
+    else:
+        train_set, val_set, trainable = train_images, val_images, net
+
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, **loader_kwargs)
+    val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, **loader_kwargs)
+    head_params = list(net.head.parameters())
+    groups = [{"params": head_params, "lr": train_cfg["lr"]}]
+    if not model_cfg["freeze_backbone"] and train_cfg["backbone_lr"] > 0:
+        groups.append({"params": list(net.backbone.parameters()), "lr": train_cfg["backbone_lr"]})
+    optim_cls = torch.optim.AdamW if train_cfg["optimizer"] == "adamw" else torch.optim.Adam
+    optimizer = optim_cls(groups, weight_decay=train_cfg["weight_decay"])
+    trainable, optimizer, train_loader, val_loader = accelerator.prepare(trainable, optimizer, train_loader, val_loader)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * train_cfg["epochs"]
+    warmup_steps = steps_per_epoch * train_cfg["warmup_epochs"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train_cfg, steps_per_epoch)
+    )
+    accelerator.register_for_checkpointing(scheduler)
+    objective = TripletObjective(train_cfg)
+
+    manifest_classes = train_split.classes
+    checkpoints = Checkpoints(model_dir, fingerprint(model_cfg, data_cfg, train_cfg, manifest_classes, len(train_split.paths)))
+    state = checkpoints.load_state()
+    if state is not None:
+        accelerator.load_state(str(checkpoints.dir / "last"))
+        log.info("resuming from %s after epoch %d of %d", checkpoints.dir, state["epoch"], train_cfg["epochs"])
+    else:
+        if main:
+            checkpoints.clear()
+        state = {"fingerprint": checkpoints.key, "epoch": 0, "best_map_at_5": -1.0, "best_epoch": 0, "history": []}
+    accelerator.wait_for_everyone()
+
+    live = open_live(live_dir, {**flatten(cfg), "precision_effective": precision}, state["history"]) if main else None
+    log.info(
+        "training %s (%s, %s) on %s x%d, precision %s: %d train / %d val images, batch %d (%d classes x %d), %d epochs%s",
+        model_cfg["backbone"], "pretrained" if model_cfg["pretrained"] else "random init",
+        "frozen backbone" if model_cfg["freeze_backbone"] else "fine-tuned", accelerator.device.type,
+        accelerator.num_processes, precision, len(train_split.paths), len(val_split.paths), batch_size,
+        data_cfg["classes_per_batch"], data_cfg["samples_per_class"], train_cfg["epochs"],
+        ", cached backbone features" if use_feature_cache else "",
+    )
+    started = time.perf_counter()
+    images_seen = 0
+    for epoch in range(state["epoch"] + 1, train_cfg["epochs"] + 1):
+        set_seed(train_cfg["seed"] + epoch)  # each epoch reproducible on its own, so resuming is exact
+        record, seen = run_epoch(epoch, trainable, objective, optimizer, scheduler, train_loader, accelerator, train_cfg)
+        images_seen += seen
+        record.update(validate(trainable, objective, val_loader, accelerator, cfg["evaluate"]["chunk_size"]))
+        state["history"].append(record)
+        state["epoch"] = epoch
+        if main:
+            log_epoch(live, record)
+            improved = record["val/map_at_5"] > state["best_map_at_5"]
+            if improved:
+                state["best_map_at_5"], state["best_epoch"] = record["val/map_at_5"], epoch
+                checkpoints.save_best(net)
+            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val P@1 %.3f, val mP@5 %.3f%s",
+                     epoch, train_cfg["epochs"], record["train/loss"], record["val/loss"],
+                     record["val/precision_at_1"], record["val/map_at_5"], " (best)" if improved else "")
+        checkpoints.save(accelerator, state)
+
+    if main:
+        net.load_state_dict(torch.load(checkpoints.best_file, map_location="cpu", weights_only=True))
+        export_torchscript(net, model_cfg["image_size"], model_dir / "embedding_net.pt")
+        info.update(best_epoch=state["best_epoch"], best_val_map_at_5=state["best_map_at_5"], epochs=train_cfg["epochs"])
+        write_json(model_dir / "model.json", info)
+        live.end()
+        elapsed = time.perf_counter() - started
+        log.info("done: best val mP@5 %.3f at epoch %d; %s written (%.0f s, %.1f img/s)",
+                 state["best_map_at_5"], state["best_epoch"], model_dir / "embedding_net.pt",
+                 elapsed, images_seen / max(elapsed, 1e-9))
+    accelerator.wait_for_everyone()
+    return state
+
+
+def run_epoch(epoch: int, model: nn.Module, objective: TripletObjective, optimizer: torch.optim.Optimizer,
+              scheduler: Any, loader: DataLoader, accelerator: Accelerator, train_cfg: dict[str, Any]) -> tuple[dict[str, float], int]:
+    model.train()
+    total_loss, steps, seen = 0.0, 0, 0
+    started = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}/{train_cfg['epochs']}", leave=False,
+               disable=not accelerator.is_main_process, mininterval=1)
+    for step, (inputs, labels) in enumerate(bar, start=1):
+        with accelerator.autocast():
+            embeddings = model(inputs)
+        loss, _ = objective(embeddings, labels)
+        if not torch.isfinite(loss):
+            raise UserError(
+                f"training diverged: loss is {loss.item()} at epoch {epoch}, step {step}; the last good checkpoint "
+                "is kept under models/<dataset>/checkpoints/ (try a lower train.lr or train.mixed_precision: no)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if train_cfg["grad_clip"] > 0:
+            accelerator.clip_grad_norm_(model.parameters(), train_cfg["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item()
+        steps += 1
+        seen += labels.shape[0] * accelerator.num_processes
+        bar.set_postfix(loss=f"{total_loss / steps:.4f}", img_s=f"{seen / (time.perf_counter() - started):.1f}")
+    lr = optimizer.param_groups[0]["lr"]
+    return {"epoch": epoch, "train/loss": total_loss / max(steps, 1), "train/lr": lr,
+            "train/images_per_s": seen / (time.perf_counter() - started)}, seen
+
+
+def validate(model: nn.Module, objective: TripletObjective, loader: DataLoader, accelerator: Accelerator,
+             chunk_size: int) -> dict[str, float]:
+    """Val loss on fixed mixed-class chunks plus leave-one-out retrieval metrics on val."""
+    embeddings, labels = embed_batches(model, loader, accelerator, desc="validate")
+    order = np.random.RandomState(0).permutation(len(labels))  # fixed chunks that mix classes
+    chunk = loader.total_batch_size if hasattr(loader, "total_batch_size") else loader.batch_size
+    losses_ = []
+    emb_t, lab_t = torch.from_numpy(embeddings), torch.from_numpy(labels)
+    for start in range(0, len(order), chunk):
+        idx = torch.from_numpy(order[start : start + chunk])
+        losses_.append(objective(emb_t[idx], lab_t[idx])[0].item())
+    metrics = evaluate_embeddings(embeddings, labels, chunk_size)
+    return {"val/loss": float(np.mean(losses_)), "val/precision_at_1": metrics["precision_at_1"],
+            "val/map_at_5": metrics["map_at_5"]}

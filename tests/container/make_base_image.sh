@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Build a local stand-in for the official PyTorch CUDA runtime image, so the
+# project's Dockerfile can be built and run on a machine that can reach only
+# PyPI and the Debian mirror (no Docker Hub, no Docker engine).
+#
+# The stand-in mimics what the Dockerfile relies on in pytorch/pytorch:*-runtime:
+#   * a Python on PATH at /opt/conda/bin with pip, running as root;
+#   * torch and torchvision already installed (here: PyPI's torch==2.14.1 and
+#     torchvision==0.29.1 for CPython 3.11, which are CUDA builds that also run on CPU);
+#   * WORKDIR /workspace.
+# It is a minbase Debian 12 (bookworm) root file system from debootstrap,
+# imported into buildah's local storage as $BASE_IMAGE.
+#
+# Idempotent: exits at once when $BASE_IMAGE already exists (FORCE=1 rebuilds),
+# and reuses an already bootstrapped root file system and downloaded wheels.
+# Needs root, buildah and debootstrap:
+#   apt-get update && apt-get install -y buildah debootstrap
+#   printf '[containers]\ndefault_ulimits = []\n' > /etc/containers/containers.conf
+set -euo pipefail
+
+BASE_IMAGE=${BASE_IMAGE:-localhost/imgembed-base:test}
+WORK=${WORK:-/var/tmp/imgembed-container}
+MIRROR=${MIRROR:-http://deb.debian.org/debian}
+TORCH_VERSION=${TORCH_VERSION:-2.14.1}
+TORCHVISION_VERSION=${TORCHVISION_VERSION:-0.29.1}
+ROOTFS=$WORK/rootfs
+WHEELS=$WORK/wheels
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+step() {  # step NAME CMD... : run and time one step
+  local name=$1 t0=$SECONDS; shift
+  log "start: $name"
+  "$@"
+  log "done:  $name ($((SECONDS - t0)) s)"
+}
+
+if [[ ${FORCE:-0} != 1 ]] && buildah inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
+  log "$BASE_IMAGE already exists; nothing to do (FORCE=1 rebuilds it)"
+  exit 0
+fi
+mkdir -p "$WORK"
+
+bootstrap() {
+  if [[ -e $ROOTFS/.bootstrap-done ]]; then log "reusing $ROOTFS"; return; fi
+  rm -rf "$ROOTFS"
+  debootstrap --variant=minbase \
+    --include=python3,python3-venv,python3-pip,ca-certificates \
+    bookworm "$ROOTFS" "$MIRROR"
+  touch "$ROOTFS/.bootstrap-done"
+}
+
+download_wheels() {
+  # The host's pip (its own config may point at local wheel mirrors) fetches the
+  # wheels with all their dependencies. The host must match the root file system:
+  # CPython 3.11 on x86_64 Linux (Debian 12's python3 is 3.11), checked here.
+  python3 -c 'import sys, platform; assert sys.version_info[:2] == (3, 11) and platform.machine() == "x86_64", "need CPython 3.11 on x86_64 to download the wheels"'
+  mkdir -p "$WHEELS"
+  python3 -m pip download --quiet --only-binary=:all: -d "$WHEELS" \
+    "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+}
+
+install_torch() {
+  # Hard links put the wheels inside the root file system without copying.
+  rm -rf "$ROOTFS/tmp/wheels"
+  cp -al "$WHEELS" "$ROOTFS/tmp/wheels" 2>/dev/null || cp -a "$WHEELS" "$ROOTFS/tmp/wheels"
+  chroot "$ROOTFS" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
+    /bin/sh -euc "
+      [ -x /opt/conda/bin/python ] || python3 -m venv /opt/conda
+      /opt/conda/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels \
+        'torch==$TORCH_VERSION' 'torchvision==$TORCHVISION_VERSION'
+      /opt/conda/bin/python -c 'import torch, torchvision; print(\"torch\", torch.__version__, \"torchvision\", torchvision.__version__)'
+      mkdir -p /workspace
+      apt-get clean
+      rm -rf /var/lib/apt/lists/* /tmp/wheels /root/.cache
+    "
+}
+
+import_image() {
+  local ctr mnt
+  ctr=$(buildah from scratch)
+  mnt=$(buildah mount "$ctr")
+  tar -C "$ROOTFS" --exclude=./.bootstrap-done -cf - . | tar -C "$mnt" -xpf -
+  buildah umount "$ctr" >/dev/null
+  buildah config \
+    --env PATH=/opt/conda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --env LANG=C.UTF-8 \
+    --workingdir /workspace \
+    --cmd /bin/bash \
+    --label org.opencontainers.image.description="Local stand-in for pytorch/pytorch runtime (Debian 12, torch $TORCH_VERSION)" \
+    "$ctr"
+  buildah commit --rm "$ctr" "$BASE_IMAGE"
+}
+
+step debootstrap bootstrap
+step "pip download torch/torchvision wheels" download_wheels
+step "install torch into /opt/conda" install_torch
+step "import as $BASE_IMAGE" import_image
+buildah images "$BASE_IMAGE"
