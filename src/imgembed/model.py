@@ -143,8 +143,8 @@ def export_torchscript(net: EmbeddingNet, image_size: int, path: Path) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(net, example)
-    with atomic_path(path) as tmp:
-        torch.jit.save(traced, str(tmp))
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp))
 
 
 @torch.no_grad()

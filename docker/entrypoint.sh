@@ -1,0 +1,34 @@
+#!/bin/sh
+# Entrypoint of the imgembed image: runs the Snakemake workflow in /workspace.
+#
+# Every argument goes to snakemake unchanged. `--cores all` is added unless the
+# arguments already choose the parallelism (--cores/-c or --jobs/-j, in any
+# spelling: `--cores 4`, `--cores=4`, `-c4`, `-c 4`, `-j 2`, `--jobs=2`), so
+#   docker run IMAGE                 ->  snakemake --cores all
+#   docker run IMAGE -n train        ->  snakemake --cores all -n train
+#   docker run IMAGE --cores 2 all   ->  snakemake --cores 2 all
+# Snakemake itself refuses to run a workflow without --cores (or --jobs), so a
+# plain CMD ["--cores", "all"] that vanished whenever arguments were given would
+# turn `docker run IMAGE train` into an error. IMGEMBED_CORES=N changes the
+# default ("all" = every CPU snakemake sees); IMGEMBED_CORES= (empty) adds
+# nothing, e.g. to let a --profile decide.
+# For a shell instead: docker run -it --entrypoint bash IMAGE
+set -eu
+
+has_cores=0
+for arg in "$@"; do
+    case "$arg" in
+        --) break ;;
+        --cores | --cores=* | --jobs | --jobs=* | -c | -c[0-9a]* | -j | -j[0-9a]*)
+            has_cores=1
+            break
+            ;;
+    esac
+done
+
+if [ "$has_cores" -eq 1 ] || [ -z "${IMGEMBED_CORES-all}" ]; then
+    exec snakemake "$@"
+fi
+# Put first, so that a trailing `--` or an option taking several values
+# (--config, --configfile) cannot swallow it.
+exec snakemake --cores "${IMGEMBED_CORES:-all}" "$@"

@@ -1,0 +1,47 @@
+# Shared by all rules: which config files the stages read, and where each dataset's files go.
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+
+wildcard_constraints:
+    dataset="[A-Za-z0-9_-]+",
+
+
+if workflow.config_settings.config:
+    raise WorkflowError(
+        "imgembed: --config KEY=VALUE overrides are not passed to the pipeline stages; "
+        "put them in a YAML file and add it with --configfile"
+    )
+
+# The stages merge these files in this order, exactly as Snakemake did for `config`.
+CONFIGFILES = " ".join(dict.fromkeys(["config/config.yaml", *map(str, workflow.overwrite_configfiles)]))
+ENV = "../../envs/imgembed.yaml"
+
+
+def check_dataset_zips(datasets):
+    """Stop before any work when a dataset zip is missing, and say how to get it."""
+    for name in datasets:
+        zip_path = Path(f"data/{name}.zip")
+        if name == "sample" or zip_path.exists():
+            continue
+        if Path(f"{zip_path}.dvc").exists():
+            hint = f"fetch it with `dvc pull {zip_path}.dvc` (needs internet and the data registry)"
+        else:
+            hint = "put your dataset zip there (train/, val/, test/ with one folder per class); see README 'Your own data'"
+        raise WorkflowError(f"imgembed: {zip_path} is missing: {hint}")
+
+
+def all_outputs(datasets):
+    check_dataset_zips(datasets)
+    return [
+        path
+        for name in datasets
+        for path in (
+            f"models/{name}/embedding_net.pt",
+            f"embeddings/{name}/test.npz",
+            f"reports/{name}/metrics.json",
+            f"reports/{name}/plots/embedding.png",
+            f"reports/{name}/plots/retrievals.png",
+        )
+    ]

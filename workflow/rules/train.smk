@@ -1,0 +1,26 @@
+# accelerate picks the device(s) and process count from config/accelerate/<train.accelerate>.yaml.
+# `gpu` is a resource for cluster executors; locally it limits nothing without --resources gpu=N.
+rule train:
+    input:
+        "data/{dataset}",
+    output:
+        net="models/{dataset}/embedding_net.pt",
+        info="models/{dataset}/model.json",
+        live=directory("reports/{dataset}/train"),
+    params:
+        configfiles=CONFIGFILES,
+        model_dir="models/{dataset}",
+        settings={k: config[k] for k in ("model", "data", "train", "evaluate")},
+        accelerate=f"config/accelerate/{config['train']['accelerate']}.yaml",
+    log:
+        "logs/train/{dataset}.log",
+    threads: workflow.cores
+    resources:
+        gpu=0 if config["train"]["accelerate"] == "cpu" else 1,
+        mem_mb=16000,
+        runtime=24 * 60,
+    conda:
+        ENV
+    shell:
+        "accelerate launch --config_file {params.accelerate} -m imgembed train {input} -o {params.model_dir} "
+        "--live-dir {output.live} --configfile {params.configfiles} --log {log}"
