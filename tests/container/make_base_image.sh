@@ -8,6 +8,11 @@
 #   * torch and torchvision already installed (here: PyPI's torch==2.14.1 and
 #     torchvision==0.29.1 for CPython 3.11, which are CUDA builds that also run on CPU);
 #   * WORKDIR /workspace.
+# Where this machine reaches PyPI through a TLS-inspecting proxy, pip in the
+# container must trust the same certificates as the host: the host's CA bundle
+# ($HOST_CA_BUNDLE, default /etc/ssl/certs/ca-certificates.crt) is copied into
+# the image and named in PIP_CERT / SSL_CERT_FILE / REQUESTS_CA_BUNDLE. (A real
+# machine behind such a proxy would have to do the same for the real base.)
 # It is a minbase Debian 12 (bookworm) root file system from debootstrap,
 # imported into buildah's local storage as $BASE_IMAGE.
 #
@@ -24,6 +29,7 @@ MIRROR=${MIRROR:-http://deb.debian.org/debian}
 TORCH_VERSION=${TORCH_VERSION:-2.14.1}
 TORCHVISION_VERSION=${TORCHVISION_VERSION:-0.29.1}
 ROOTFS=$WORK/rootfs
+HOST_CA_BUNDLE=${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 WHEELS=$WORK/wheels
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -80,8 +86,12 @@ import_image() {
   ctr=$(buildah from scratch)
   mnt=$(buildah mount "$ctr")
   tar -C "$ROOTFS" --exclude=./.bootstrap-done -cf - . | tar -C "$mnt" -xpf -
+  cp "$HOST_CA_BUNDLE" "$mnt/etc/ssl/certs/host-ca-bundle.crt"
   buildah umount "$ctr" >/dev/null
   buildah config \
+    --env PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt \
+    --env SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt \
+    --env REQUESTS_CA_BUNDLE=/etc/ssl/certs/host-ca-bundle.crt \
     --env PATH=/opt/conda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     --env LANG=C.UTF-8 \
     --workingdir /workspace \
@@ -95,4 +105,5 @@ step debootstrap bootstrap
 step "pip download torch/torchvision wheels" download_wheels
 step "install torch into /opt/conda" install_torch
 step "import as $BASE_IMAGE" import_image
+buildah rmi --prune >/dev/null 2>&1 || true   # layers of a replaced base image
 buildah images "$BASE_IMAGE"

@@ -1,0 +1,67 @@
+"""Shared test helpers: tiny generated datasets and a throw-away copy of the project."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "tests" / "fixtures" / "tiny.yaml"
+PROJECT_FILES = ("Snakefile", "config", "workflow", "envs", "profiles", "dvc.yaml", "tests/fixtures", "src/imgembed/schemas")
+SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
+
+
+def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def class_image(label: int, index: int, size: int = 24, seed: int = 0) -> Image.Image:
+    """A small image whose colour and stripe direction depend on the class, plus noise."""
+    rng = np.random.RandomState(seed * 100003 + label * 1009 + index)
+    hue = np.array([(label * 97) % 255, (label * 57 + 80) % 255, (label * 131 + 160) % 255], dtype=np.float64)
+    grid = np.indices((size, size)).sum(0) if label % 2 else np.indices((size, size))[0]
+    stripes = ((grid // (2 + label % 3)) % 2)[..., None] * 60.0
+    pixels = np.clip(hue[None, None, :] * 0.7 + stripes + rng.normal(0, 12, (size, size, 3)), 0, 255)
+    return Image.fromarray(pixels.astype(np.uint8), mode="RGB")
+
+
+def make_dataset_zip(
+    path: Path,
+    classes: int = 3,
+    per_split: dict[str, int] | None = None,
+    size: int = 24,
+    top: str | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write a valid dataset zip in the ImageFolder layout: split/class_k/img_i.png."""
+    per_split = per_split or {"train": 8, "val": 4, "test": 4}
+    prefix = f"{top}/" if top else ""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        for split, count in per_split.items():
+            for label in range(classes):
+                for i in range(count):
+                    image = class_image(label, i + 1000 * SPLIT_INDEX[split], size, seed)
+                    archive.writestr(f"{prefix}{split}/class_{label}/img_{i:03d}.png", png_bytes(image))
+    return path
+
+
+def copy_project(target: Path) -> Path:
+    """The workflow files (not outputs) in a fresh folder, as a user's clone would have them."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, target / name, dirs_exist_ok=True)
+        elif src.exists():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target / name)
+    (target / "data").mkdir(exist_ok=True)
+    return target
