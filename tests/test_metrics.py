@@ -1,0 +1,102 @@
+"""Retrieval metrics against values computed by hand (see the comments for the working)."""
+
+import numpy as np
+import pytest
+
+from imgembed.metrics import (
+    evaluate_embeddings,
+    leave_one_out_neighbours,
+    neighbours_needed,
+    per_class_precision_at_1,
+    relevant_counts,
+    retrieval_metrics,
+)
+
+# Five points on a line. Sorted neighbours and hits (same label) per query:
+#   q0 x=0  l0: 1,2,3,4 -> hits 1,0,0,1  R=2  P@1=1  mP@5=(1+2/4)/2=0.75   MAP@R=(1)/2=0.5
+#   q1 x=1  l0: 0,2,3,4 -> hits 1,0,0,1  R=2  P@1=1  mP@5=0.75             MAP@R=0.5
+#   q2 x=3  l1: 1,0,3,4 -> hits 0,0,1,0  R=1  P@1=0  mP@5=(1/3)/1          MAP@R=0
+#   q3 x=10 l1: 4,2,1,0 -> hits 0,1,0,0  R=1  P@1=0  mP@5=(1/2)/1          MAP@R=0
+#   q4 x=11 l0: 3,2,1,0 -> hits 0,0,1,1  R=2  P@1=0  mP@5=(1/3+2/4)/2=5/12 MAP@R=0
+LINE_X = np.array([[0.0], [1.0], [3.0], [10.0], [11.0]])
+LINE_Y = np.array([0, 0, 1, 1, 0])
+
+
+def test_neighbours_on_a_line():
+    expected = [[1, 2, 3, 4], [0, 2, 3, 4], [1, 0, 3, 4], [4, 2, 1, 0], [3, 2, 1, 0]]
+    assert leave_one_out_neighbours(LINE_X, k=4).tolist() == expected
+
+
+def test_metrics_on_a_line():
+    m = retrieval_metrics(LINE_Y, leave_one_out_neighbours(LINE_X, k=4))
+    assert m["precision_at_1"] == pytest.approx(0.4)
+    assert m["map_at_5"] == pytest.approx((0.75 + 0.75 + 1 / 3 + 0.5 + 5 / 12) / 5)
+    assert m["map_at_r"] == pytest.approx(0.2)
+    assert m["recall_at_1"] == pytest.approx(0.4)
+    assert m["recall_at_5"] == pytest.approx(1.0)
+    assert m["recall_at_10"] == pytest.approx(1.0)
+    assert m["num_queries"] == 5 and m["queries_without_match"] == 0
+
+
+def test_ties_and_single_image_class():
+    # q0 x=0 is at distance 1 from both q1 (other class) and q2 (same class): the tie goes to
+    # the lower index, so q0 ranks q1 first. q1 is alone in its class and is not a query.
+    x = np.array([[0.0], [1.0], [-1.0]])
+    y = np.array([0, 1, 0])
+    nn = leave_one_out_neighbours(x, k=2)
+    assert nn.tolist() == [[1, 2], [0, 2], [0, 1]]
+    m = retrieval_metrics(y, nn)
+    assert m["queries_without_match"] == 1 and m["num_queries"] == 2
+    assert m["precision_at_1"] == pytest.approx(0.5)
+    assert m["map_at_5"] == pytest.approx((0.5 + 1.0) / 2)  # q0: hit at rank 2 -> 1/2; q2: 1
+    assert m["map_at_r"] == pytest.approx((0.0 + 1.0) / 2)
+    per_class = per_class_precision_at_1(y, nn, ["a", "b"])
+    assert per_class == {"a": 0.5, "b": None}
+
+
+def test_map_at_5_divides_by_min_of_5_and_class_size():
+    # Seven items of class 0 at x=0..6 and one far item of class 1: every class-0 query has its
+    # six relatives first, so mP@5 = 1 (divided by min(5, 6) = 5, not 6) and MAP@R = 1.
+    x = np.array([[float(i)] for i in range(7)] + [[100.0], [101.0]])
+    y = np.array([0] * 7 + [1, 1])
+    m = retrieval_metrics(y, leave_one_out_neighbours(x, k=neighbours_needed(y)))
+    assert m["map_at_5"] == pytest.approx(1.0)
+    assert m["map_at_r"] == pytest.approx(1.0)
+
+
+def test_relevant_counts_and_neighbours_needed():
+    y = np.array([3, 3, 3, 7, 9, 9])
+    assert relevant_counts(y).tolist() == [2, 2, 2, 0, 1, 1]
+    assert neighbours_needed(y) == 10
+
+
+def test_large_path_matches_brute_force():
+    # Above 4096 items the search switches to topk; it must give the same order as a full
+    # stable sort, including ties (duplicated points force exact ties).
+    rng = np.random.RandomState(0)
+    x = rng.randint(0, 4, size=(4200, 3)).astype(np.float32)
+    nn = leave_one_out_neighbours(x, k=7, chunk_size=1000)
+    sample = rng.choice(len(x), 50, replace=False)
+    for q in sample:
+        d = ((x - x[q]) ** 2).sum(1)
+        d[q] = np.inf
+        assert nn[q].tolist() == np.argsort(d, kind="stable")[:7].tolist()
+
+
+def test_chunking_does_not_change_results():
+    rng = np.random.RandomState(1)
+    x = rng.normal(size=(300, 8))
+    y = rng.randint(0, 6, size=300)
+    assert evaluate_embeddings(x, y, chunk_size=7) == evaluate_embeddings(x, y, chunk_size=1000)
+
+
+def test_perfect_and_hopeless_embeddings():
+    y = np.repeat(np.arange(4), 5)
+    perfect = np.eye(4)[y] + 1e-3 * np.arange(20)[:, None]
+    m = evaluate_embeddings(perfect, y)
+    assert m["precision_at_1"] == 1.0 and m["map_at_5"] == pytest.approx(1.0) and m["map_at_r"] == pytest.approx(1.0)
+    # Each item's nearest neighbours are all of other classes.
+    hopeless = np.array([[float(i * 10 + c)] for c in range(5) for i in range(4)])
+    y2 = np.repeat(np.arange(5), 4)
+    m2 = evaluate_embeddings(hopeless, y2[np.argsort(np.repeat(np.arange(5), 4), kind="stable")])
+    assert 0.0 <= m2["precision_at_1"] <= 1.0
