@@ -1,7 +1,6 @@
 # Shared by all rules: which config files the stages read, and where each dataset's files go.
+import sys
 from pathlib import Path
-
-from snakemake.exceptions import WorkflowError
 
 
 wildcard_constraints:
@@ -9,13 +8,29 @@ wildcard_constraints:
 
 
 if workflow.config_settings.config:
-    raise WorkflowError(
+    sys.exit(
         "imgembed: --config KEY=VALUE overrides are not passed to the pipeline stages; "
         "put them in a YAML file and add it with --configfile"
     )
 
+
+
+def relative_configfiles(extra):
+    """config/config.yaml, then each --configfile, as paths relative to the working directory
+    where possible, so the commands match dvc.yaml's and do not depend on the checkout's path."""
+    paths = {}
+    for path in ["config/config.yaml", *map(str, extra)]:
+        resolved = Path(path).resolve()
+        try:
+            shown = str(resolved.relative_to(Path.cwd().resolve()))
+        except ValueError:
+            shown = str(resolved)
+        paths.setdefault(resolved, shown)
+    return " ".join(paths.values())
+
+
 # The stages merge these files in this order, exactly as Snakemake did for `config`.
-CONFIGFILES = " ".join(dict.fromkeys(["config/config.yaml", *map(str, workflow.overwrite_configfiles)]))
+CONFIGFILES = relative_configfiles(workflow.overwrite_configfiles)
 ENV = "../../envs/imgembed.yaml"
 
 
@@ -29,7 +44,7 @@ def check_dataset_zips(datasets):
             hint = f"fetch it with `dvc pull {zip_path}.dvc` (needs internet and the data registry)"
         else:
             hint = "put your dataset zip there (train/, val/, test/ with one folder per class); see README 'Your own data'"
-        raise WorkflowError(f"imgembed: {zip_path} is missing: {hint}")
+        sys.exit(f"imgembed: {zip_path} is missing: {hint}")
 
 
 def all_outputs(datasets):
