@@ -9,3 +9,7 @@ import os  # noqa: E402
 
 os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Tests that make throw-away git repositories need an identity, also on a bare CI machine.
+for key, value in {"GIT_AUTHOR_NAME": "imgembed tests", "GIT_AUTHOR_EMAIL": "tests@imgembed.invalid",
+                   "GIT_COMMITTER_NAME": "imgembed tests", "GIT_COMMITTER_EMAIL": "tests@imgembed.invalid"}.items():
+    os.environ.setdefault(key, value)
