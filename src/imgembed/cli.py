@@ -47,7 +47,13 @@ def _embed(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
 def _evaluate(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     from imgembed.evaluate import evaluate_file
 
-    evaluate_file(args.embeddings, args.output, cfg)
+    evaluate_file(args.embeddings, args.output, cfg, baseline=args.baseline)
+
+
+def _baseline(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from imgembed.baseline import write_baseline
+
+    write_baseline(args.data, args.output, cfg, split=args.split)
 
 
 def _plot(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
@@ -56,17 +62,38 @@ def _plot(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     plot_embeddings(args.embeddings, args.data, args.output, cfg)
 
 
+def _search(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    import json
+
+    from imgembed.search import format_results, search
+
+    result = search(args.model, args.index, args.images, k=args.k, batch_size=args.batch_size, device=args.device,
+                    backend=args.backend, root=args.root, workers=args.workers, skip_unreadable=args.skip_unreadable)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_results(result), flush=True)
+
+
+def _index(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from imgembed.search import build_index
+
+    build_index(args.folder, args.model, args.output, batch_size=args.batch_size, device=args.device,
+                workers=args.workers, skip_unreadable=args.skip_unreadable)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgembed", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--configfile", nargs="+", type=Path, default=[DEFAULT_CONFIG], metavar="YAML",
                         help="config files merged in order, like snakemake --configfile (default: %(default)s)")
     common.add_argument("--log", type=Path, help="also write the log to this file")
+    tool = argparse.ArgumentParser(add_help=False)  # commands that need no workflow config (search, index)
+    tool.add_argument("--log", type=Path, help="also write the log to this file")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
-    def stage(name: str, func: Callable, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+    def stage(name: str, func: Callable, help_: str, config: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common if config else tool], help=help_, description=help_)
         p.set_defaults(func=func)
+        if not config:
+            p.set_defaults(configfile=None)
         return p
 
     p = stage("sample", _sample, "build the sample dataset zip from scikit-learn's digits")
@@ -85,10 +112,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("evaluate", _evaluate, "leave-one-out retrieval metrics of an embeddings file")
     p.add_argument("embeddings", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="report folder for metrics.json and per_class.json")
+    p.add_argument("--baseline", type=Path, help="baseline.json (from `imgembed baseline`) to compare with, in the log and baseline_comparison.json")
+    p = stage("baseline", _baseline, "retrieval without training: raw pixels, untrained backbone features, and their PCA")
+    p.add_argument("data", type=Path, help="unpacked dataset folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="JSON file to write, e.g. reports/sample/baseline.json")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: %(default)s)")
     p = stage("plot", _plot, "embedding projection and retrieval gallery")
     p.add_argument("embeddings", type=Path)
     p.add_argument("--data", type=Path, required=True, help="unpacked dataset folder (for the gallery images)")
     p.add_argument("-o", "--output", type=Path, required=True, help="plots folder")
+
+    def model_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", type=Path, required=True, help="model folder with embedding_net.pt and model.json")
+        p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
+        p.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, ... (default: %(default)s)")
+        p.add_argument("--skip-unreadable", action="store_true", help="leave out images that cannot be read, with a warning, instead of stopping")
+
+    p = stage("search", _search, "find the indexed images nearest to query images", config=False)
+    p.add_argument("images", type=Path, nargs="+", metavar="IMAGE", help="query image files or folders (searched recursively)")
+    p.add_argument("--index", type=Path, required=True, help="embeddings .npz: embeddings/<dataset>/test.npz or one from `imgembed index`")
+    model_options(p)
+    p.add_argument("-k", type=int, default=5, help="neighbours per query (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--root", type=Path, help="folder the index's paths are relative to (default: the one it records, or data/<dataset> for embeddings/<dataset>/*.npz)")
+    p.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto",
+                   help="exact search in PyTorch, or faiss's exact IndexFlatL2; auto uses faiss, when installed, for indexes of 50000 items or more (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes (default: %(default)s)")
+    p = stage("index", _index, "embed every image below a folder into an index for `imgembed search`", config=False)
+    p.add_argument("folder", type=Path, help="image folder, searched recursively; an image's class is its parent folder's name")
+    model_options(p)
+    p.add_argument("-o", "--output", type=Path, required=True, help="index file to write, e.g. index.npz")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding worker processes (default: %(default)s)")
     return parser
 
 
@@ -111,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.stage, args.log)
     try:
-        cfg = load_config(args.configfile)
+        cfg = load_config(args.configfile) if args.configfile is not None else {}
         args.func(args, cfg)
     except (UserError, ConfigError) as err:
         log.error("%s", err)
