@@ -21,20 +21,9 @@
 ARG BASE_IMAGE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
 
-ARG BASE_IMAGE
-ARG VERSION=0.1.0
-ARG REVISION=unknown
-ARG CREATED=unknown
+# The runtime user's ids (match a host user's to share mounted folders).
 ARG APP_UID=1000
 ARG APP_GID=1000
-
-LABEL org.opencontainers.image.title="imgembed" \
-      org.opencontainers.image.description="Snakemake workflow that trains image-embedding models (PyTorch, timm, accelerate)" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.licenses="MIT" \
-      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -51,7 +40,11 @@ ENV PYTHONUNBUFFERED=1 \
     TORCH_HOME=/var/cache/imgembed/torch \
     MPLCONFIGDIR=/var/cache/imgembed/matplotlib
 
-RUN groupadd --gid "${APP_GID}" imgembed \
+# Some bases already have a user or group with these ids (Ubuntu 24.04's
+# `ubuntu`, uid 1000): that one is removed first.
+RUN if getent passwd "${APP_UID}" > /dev/null; then userdel --remove "$(getent passwd "${APP_UID}" | cut -d: -f1)"; fi \
+ && if getent group "${APP_GID}" > /dev/null; then groupdel "$(getent group "${APP_GID}" | cut -d: -f1)"; fi \
+ && groupadd --gid "${APP_GID}" imgembed \
  && useradd --no-log-init --uid "${APP_UID}" --gid "${APP_GID}" --create-home --shell /bin/bash imgembed \
  && mkdir -p "${HF_HOME}" "${TORCH_HOME}" "${MPLCONFIGDIR}" \
  && chown -R imgembed:imgembed "${XDG_CACHE_HOME}" \
@@ -71,11 +64,13 @@ ENV PIP_CONSTRAINT=/etc/pip-torch-constraints.txt
 # or the workflow does not reinstall them. The `workflow` extra brings snakemake
 # and dvc.
 COPY pyproject.toml ./
-RUN python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["workflow"]))' > /tmp/requirements.txt \
+# (tomllib is Python >= 3.11; on 3.10 pip's own copy of tomli reads the file.)
+RUN python -c 'import importlib, sys; toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "pip._vendor.tomli"); p = toml.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["workflow"]))' > /tmp/requirements.txt \
  && python -m pip install --no-cache-dir -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
-# The package itself (not editable: the source folder is not needed at run time).
+# The package itself, not editable. (src/ stays in the image all the same: the
+# Snakefile validates the config against src/imgembed/schemas/.)
 COPY README.md ./
 COPY src/ ./src/
 RUN python -m pip install --no-cache-dir --no-deps . \
@@ -84,12 +79,14 @@ RUN python -m pip install --no-cache-dir --no-deps . \
  && python -c "import imgembed, torch, torchvision, timm, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda)" \
  && snakemake --version
 
-# The workflow. Outputs are written below /workspace, so the folders it writes
-# exist already and are writable by the runtime user (and by any --user uid).
+# The workflow, with its default profile (profiles/default, which snakemake
+# loads by itself). Outputs are written below /workspace: the folders exist already
+# and are writable by the runtime user (and by any --user uid).
 COPY Snakefile dvc.yaml ./
 COPY config/ ./config/
 COPY workflow/ ./workflow/
 COPY envs/ ./envs/
+COPY profiles/ ./profiles/
 COPY docker/entrypoint.sh /usr/local/bin/imgembed-entrypoint
 RUN chmod 0755 /usr/local/bin/imgembed-entrypoint \
  && mkdir -p data models embeddings reports logs .snakemake \
@@ -98,6 +95,20 @@ RUN chmod 0755 /usr/local/bin/imgembed-entrypoint \
 
 # Numeric, so that runtimes can tell it is not root (Kubernetes runAsNonRoot).
 USER ${APP_UID}:${APP_GID}
+
+# Labels last, so that a new REVISION or CREATED does not invalidate the cached
+# layers above (docker build --build-arg REVISION="$(git rev-parse HEAD)" ...).
+ARG BASE_IMAGE
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="imgembed" \
+      org.opencontainers.image.description="Snakemake workflow that trains image-embedding models (PyTorch, timm, accelerate)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}"
 
 # The entrypoint runs `snakemake "$@"` and adds `--cores all` unless the
 # arguments already set --cores/-c or --jobs/-j, so `docker run IMAGE -n` or

@@ -15,6 +15,16 @@
 # For a shell instead: docker run -it --entrypoint bash IMAGE
 set -eu
 
+# Under `docker run --user UID:GID` with a uid the image has no passwd entry
+# for, give programs a user name (snakemake's log header calls
+# getpass.getuser(), which fails without one) and a writable HOME.
+if ! id -un > /dev/null 2>&1; then
+    export USER="${USER:-imgembed}" LOGNAME="${LOGNAME:-imgembed}"
+fi
+if [ ! -w "${HOME:-/}" ]; then
+    export HOME=/tmp
+fi
+
 has_cores=0
 for arg in "$@"; do
     case "$arg" in

@@ -71,7 +71,48 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"'{key}' is {json.dumps(error.instance)}; allowed values: {allowed}"
     if error.validator == "required":
         return f"'{key}' is missing {error.message.split(' is a required')[0]}"
+    allowed = _allowed(schema)
+    if allowed:
+        return f"'{key}' is {_show(error.instance)}; allowed: {allowed}"
     return f"'{key}': {error.message}"
+
+
+_KINDS = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "true or false",
+          "array": "a list", "object": "a mapping of keys", "null": "null"}
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML (true, null, "text")."""
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _allowed(schema: dict[str, Any]) -> str:
+    """What a schema node accepts, in words: 'a number > 0', 'a list of 2 numbers > 0 and <= 1'."""
+    if "enum" in schema:
+        return "one of " + ", ".join(_show(v) for v in schema["enum"])
+    kinds = schema.get("type")
+    if kinds is None:
+        return ""
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    words = " or ".join(_KINDS.get(k, k) for k in kinds)
+    bounds = [f"{op} {schema[name]}" for name, op in (("minimum", ">="), ("exclusiveMinimum", ">"),
+                                                      ("maximum", "<="), ("exclusiveMaximum", "<")) if name in schema]
+    if bounds:
+        words += " " + " and ".join(bounds)
+    if schema.get("minLength") == 1:
+        words = words.replace("a string", "a non-empty string")
+    if "pattern" in schema:
+        words += f" matching {schema['pattern']}"
+    if "array" in kinds:
+        low, high = schema.get("minItems"), schema.get("maxItems")
+        size = f"{low}" if low is not None and low == high else f"at least {low}" if low else ""
+        items = _allowed(schema.get("items", {})) if isinstance(schema.get("items"), dict) else ""
+        if size or items:
+            words = "a non-empty list" if size == "at least 1" else "a list" + (f" of {size} items" if size else "")
+            words += f", each {items}" if items else ""
+        if schema.get("uniqueItems"):
+            words += ", without repeats"
+    return words
 
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:

@@ -61,10 +61,16 @@ def load_split(data_dir: Path, split: str) -> Split:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright 8-bit RGB from any PIL mode: EXIF rotation, 16-bit, palette, alpha, CMYK."""
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if array.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(array / top * 255.0, 0, 255).astype(np.uint8), mode="L")
+        peak = array.max(initial=0)
+        if image.mode.startswith("I;16"):
+            top = 65535.0
+        elif image.mode == "F" and peak <= 1.0:
+            top = 1.0  # float images (TIFF) in [0, 1]
+        else:  # 32-bit int or float: 8-bit or 16-bit data, or beyond
+            top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+        image = Image.fromarray(np.rint(np.clip(array / top * 255.0, 0, 255)).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):

@@ -7,6 +7,7 @@ import logging
 import warnings
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import timm
@@ -92,10 +93,12 @@ def create_backbone(model_cfg: dict[str, Any]) -> nn.Module:
         if not path.is_file():
             raise UserError(f"model.weights: {path}: file not found")
         try:
-            return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
+            backbone, loaded = _create_recording_loads(name, path)
         except Exception as err:  # timm raises RuntimeError/KeyError/pickle errors for a file that does not fit
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise UserError(f"model.weights: {path} does not fit backbone {name}: {first[:300]}") from None
+        check_weights_fit(name, path, loaded)
+        return backbone
     try:
         return timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as err:
@@ -104,6 +107,47 @@ def create_backbone(model_cfg: dict[str, Any]) -> nn.Module:
             f"model.pretrained: could not load pretrained weights for {name} ({first[:200]}); "
             "set model.weights to a local file, or model.pretrained: false to train from scratch"
         ) from None
+
+
+def _create_recording_loads(name: str, path: Path) -> tuple[nn.Module, list[Any]]:
+    """timm backbone from a local weights file, plus what each load_state_dict call reported.
+
+    timm loads non-strictly once the classifier is dropped (num_classes=0), so a file made for
+    another network would load nothing, silently; the recorded missing keys show it.
+    """
+    loaded: list[Any] = []
+    original = nn.Module.load_state_dict
+
+    def recording(module: nn.Module, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(module, state_dict, *args, **kwargs)
+        loaded.append((result, list(state_dict)))
+        return result
+
+    timm_log = logging.getLogger("timm.models._builder")  # its key lists run to pages; check_weights_fit says it in one line
+    level = timm_log.level
+    timm_log.setLevel(logging.ERROR)
+    try:
+        with mock.patch.object(nn.Module, "load_state_dict", recording):
+            backbone = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(path)))
+    finally:
+        timm_log.setLevel(level)
+    return backbone, loaded
+
+
+def check_weights_fit(name: str, path: Path, loaded: list[Any]) -> None:
+    """Stop when the weights file left backbone weights unset (wrong network, or prefixed keys)."""
+    for result, file_keys in loaded:
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+        if not missing:
+            continue
+        hint = f"; the file's keys look like '{file_keys[0]}'" if file_keys else "; the file holds no weights"
+        raise UserError(
+            f"model.weights: {path} does not fit backbone {name}: {len(missing)} of its weights are not in the file "
+            f"(e.g. '{missing[0]}'){hint}. Use a file saved from timm.create_model('{name}').state_dict()"
+        )
+    extra = [k for result, _ in loaded for k in result.unexpected_keys]
+    if extra:
+        log.warning("model.weights: %s has %d entries that %s does not use (e.g. '%s'); ignored", path, len(extra), name, extra[0])
 
 
 def create_embedding_net(model_cfg: dict[str, Any]) -> EmbeddingNet:

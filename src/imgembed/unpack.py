@@ -9,12 +9,15 @@ into place only when everything is valid, so a failed unpack leaves no half-data
 from __future__ import annotations
 
 import logging
+import lzma
+import os
 import shutil
 import stat
 import tempfile
 import unicodedata
 import warnings
 import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -30,6 +33,9 @@ log = logging.getLogger("imgembed")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 _RATIO_MIN_BYTES = 1 << 20  # tiny files compress extremely well for innocent reasons
+_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+# What a damaged archive raises while an entry is read: bad CRC, bad deflate/bzip2/lzma stream, short read.
+_CORRUPT = (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile, zlib.error, lzma.LZMAError, ValueError)
 
 
 def entry_name(info: zipfile.ZipInfo) -> str:
@@ -54,6 +60,18 @@ def check_entry_path(zip_path: Path, name: str) -> PurePosixPath:
 
 def is_symlink(info: zipfile.ZipInfo) -> bool:
     return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
+
+
+def check_readable(zip_path: Path, info: zipfile.ZipInfo) -> None:
+    """Refuse encrypted entries and compression methods Python cannot read, before extracting."""
+    if info.flag_bits & 0x1:
+        raise UserError(f"{zip_path}: entry '{info.filename}' is encrypted; unpack needs a zip without a password")
+    if info.compress_type not in _METHODS:
+        method = zipfile.compressor_names.get(info.compress_type, f"method {info.compress_type}")
+        raise UserError(
+            f"{zip_path}: entry '{info.filename}' uses {method} compression, which Python's zipfile cannot read; "
+            "re-create the zip with deflate (e.g. `zip -r`)"
+        )
 
 
 def ignored_reason(path: PurePosixPath) -> str | None:
@@ -100,20 +118,24 @@ def check_image(path: Path, max_pixels: int) -> str | None:
         return "empty file"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # The pixel limit is unpack.max_image_pixels, checked below, not Pillow's warning; Pillow's
+            # other warnings (odd EXIF, palette transparency) would only clutter the log.
+            warnings.simplefilter("ignore")
             with Image.open(path) as image:
                 if image.width * image.height > max_pixels:
                     return f"{image.width}x{image.height} pixels, over unpack.max_image_pixels={max_pixels}"
                 image.load()
                 to_rgb(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return f"too many pixels (decompression bomb), over unpack.max_image_pixels={max_pixels}"
+    except Image.DecompressionBombError:  # over twice Image.MAX_IMAGE_PIXELS: Pillow will not open it at all
+        return f"too many pixels (decompression bomb): over Pillow's hard limit of {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels"
     except Exception as err:  # PIL raises many types for broken files
         return f"unreadable image ({type(err).__name__}: {str(err)[:120]})"
     return None
 
 
 def _extract(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: list[int], zip_path: Path) -> None:
+    """Copy one entry, counting the bytes really written: zipfile stops at the declared size and
+    then fails the CRC check, so data larger than declared ends as a corrupt-zip error."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with archive.open(info) as src, open(target, "wb") as dst:
         while chunk := src.read(1 << 20):
@@ -126,14 +148,19 @@ def _extract(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budg
 def unpack_dataset(zip_path: Path, output: Path, unpack_cfg: dict[str, Any]) -> dict[str, Any]:
     """Validate and extract `zip_path` into `output` (replaced only on success); return the manifest."""
     zip_path, output = Path(zip_path), Path(output)
+    if output.parent.is_dir():
+        _remove_leftovers(output)
     if not zip_path.is_file():
         raise UserError(f"{zip_path}: file not found")
     try:
         archive = zipfile.ZipFile(zip_path)
-    except zipfile.BadZipFile as err:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
         raise UserError(f"{zip_path}: not a valid zip file ({err}); it may be truncated or not a zip") from None
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.unpack-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
     try:
         with archive:
             manifest = _unpack_into(archive, zip_path, tmp, unpack_cfg)
@@ -148,6 +175,24 @@ def unpack_dataset(zip_path: Path, output: Path, unpack_cfg: dict[str, Any]) -> 
         zip_path, output, len(manifest["classes"]), "/".join(str(counts[s]) for s in SPLITS), len(manifest["skipped"]),
     )
     return manifest
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Temporary folders of an unpack that was killed (SIGKILL, power loss) before it could clean up.
+
+    A kill between the two renames of `_replace_dir` leaves the previous dataset only as `.D.old-*`:
+    it is put back rather than deleted.
+    """
+    for pattern in (f".{output.name}.unpack-*", f".{output.name}.old-*"):
+        for leftover in sorted(output.parent.glob(pattern)):
+            if not leftover.is_dir():
+                continue
+            if ".old-" in leftover.name and not output.exists() and (leftover / "manifest.json").is_file():
+                log.info("restoring %s from %s, left by an interrupted unpack", output, leftover)
+                leftover.rename(output)
+            else:
+                log.info("removing %s, left over by an interrupted unpack", leftover)
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _replace_dir(new: Path, output: Path) -> None:
@@ -173,12 +218,20 @@ def _unpack_into(archive: zipfile.ZipFile, zip_path: Path, tmp: Path, unpack_cfg
         path = check_entry_path(zip_path, entry_name(info))
         if is_symlink(info):
             raise UserError(f"{zip_path}: entry '{info.filename}' is a symbolic link; refusing to unpack")
+        check_readable(zip_path, info)
         if path.parts:
             named.append((info, path))
     folded = Counter(str(p).casefold() for _, p in named)
-    clashes = sorted(str(p) for _, p in named if folded[str(p).casefold()] > 1)
+    clashes = sorted({str(p) for _, p in named if folded[str(p).casefold()] > 1})
     if clashes:
-        raise UserError(f"{zip_path}: entries {clashes[:4]} differ only in letter case and would overwrite each other")
+        raise UserError(
+            f"{zip_path}: entries {clashes[:4]} have the same name when letter case is ignored and would overwrite "
+            "each other (on macOS/Windows, or in the zip itself); rename them"
+        )
+    folders = {str(parent).casefold() for _, p in named for parent in p.parents}
+    blocked = sorted(str(p) for _, p in named if str(p).casefold() in folders)
+    if blocked:
+        raise UserError(f"{zip_path}: entries {blocked[:4]} are both a file and a folder in the zip; rename them")
     check_sizes(zip_path, [i for i, _ in named], unpack_cfg)
 
     drop = strip_wrapping_folder([p for _, p in named])
@@ -197,30 +250,45 @@ def _unpack_into(archive: zipfile.ZipFile, zip_path: Path, tmp: Path, unpack_cfg
     present = {rel.parts[0] for _, rel in keep}
     missing = [s for s in SPLITS if s not in present]
     if missing:
-        raise UserError(f"{zip_path}: no images in {', '.join(m + '/' for m in missing)}; the zip needs train/, val/ and test/, each with one folder per class")
+        tops = sorted({p.parts[0] + "/" for _, p in named if len(p.parts) > 1 and ignored_reason(p) != "macOS metadata (__MACOSX)"})
+        found = f" (top-level folders found: {', '.join(tops[:6])})" if tops else ""
+        raise UserError(
+            f"{zip_path}: no images in {', '.join(m + '/' for m in missing)}; the zip needs train/, val/ and test/, "
+            f"each with one folder per class, at the top or inside one wrapping folder{found}"
+        )
 
     budget = [unpack_cfg["max_uncompressed_bytes"]]
     images: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
-    try:
-        for info, rel in tqdm(keep, desc="unpack", unit="img", mininterval=1):
-            target = tmp.joinpath(*rel.parts)
+    # No progress bar in logs (non-TTY): a failed unpack then prints its one error line and nothing else.
+    for info, rel in tqdm(keep, desc="unpack", unit="img", mininterval=1, disable=None):
+        target = tmp.joinpath(*rel.parts)
+        try:
             _extract(archive, info, target, budget, zip_path)
-            reason = check_image(target, unpack_cfg["max_image_pixels"])
-            if reason:
-                target.unlink()
-                skipped.append({"entry": str(rel), "reason": reason})
-            else:
-                images[rel.parts[0]].append((rel.parts[1], str(rel)))
-    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as err:
-        raise UserError(f"{zip_path}: corrupt or truncated zip ({err})") from None
+        except _CORRUPT as err:
+            raise UserError(f"{zip_path}: corrupt or truncated zip at entry '{info.filename}' ({err})") from None
+        except OSError as err:
+            raise UserError(f"{zip_path}: could not extract '{info.filename}': {err.strerror or err}") from None
+        reason = check_image(target, unpack_cfg["max_image_pixels"])
+        if reason:
+            target.unlink()
+            skipped.append({"entry": str(rel), "reason": reason})
+        else:
+            images[rel.parts[0]].append((rel.parts[1], str(rel)))
     return build_manifest(zip_path, images, skipped)
 
 
 def build_manifest(zip_path: Path, images: dict[str, list[tuple[str, str]]], skipped: list[dict[str, str]]) -> dict[str, Any]:
     """Check the split/class structure and index every image by split and class."""
+    def why_skipped(prefix: str) -> str:
+        """The images of a split or class that were skipped: the manifest that lists them is never written."""
+        mine = [s for s in skipped if s["entry"].startswith(prefix) and s["reason"] != "hidden file"]
+        if not mine:
+            return ""
+        return f" ({len(mine)} skipped, e.g. {mine[0]['entry']}: {mine[0]['reason']})"
+
     for split in SPLITS:
         if not images[split]:
-            raise UserError(f"{zip_path}: {split}/ has no readable images")
+            raise UserError(f"{zip_path}: {split}/ has no readable images{why_skipped(split + '/')}")
     train_counts = Counter(cls for cls, _ in images["train"])
     if len(train_counts) < 2:
         raise UserError(f"{zip_path}: train/ has {len(train_counts)} class; triplet training needs at least 2 classes")
@@ -228,7 +296,7 @@ def build_manifest(zip_path: Path, images: dict[str, list[tuple[str, str]]], ski
     if single:
         raise UserError(
             f"{zip_path}: train/ class(es) {', '.join(single[:5])} have a single image; a triplet needs at least 2 "
-            "images per training class (add images or remove the class)"
+            f"images per training class (add images or remove the class){why_skipped(f'train/{single[0]}/')}"
         )
     classes = sorted({cls for split in SPLITS for cls, _ in images[split]})
     label = {cls: i for i, cls in enumerate(classes)}

@@ -15,6 +15,7 @@
 #   TINY_CONFIG configuration merged over config/config.yaml for the run
 #               (default tests/fixtures/tiny.yaml)
 #   KEEP_RUN=1  keep the previous run's outputs (default: start from empty folders)
+#   CONTEXT     build context (default: the repository this script is in)
 # Idempotent: reuses the base image, buildah's layer cache and installed tools.
 set -euo pipefail
 
@@ -23,6 +24,7 @@ WORK=${WORK:-/var/tmp/imgembed-container}
 BASE_IMAGE=${BASE_IMAGE:-localhost/imgembed-base:test}
 IMAGE=${IMAGE:-localhost/imgembed:test}
 TINY_CONFIG=${TINY_CONFIG:-$REPO/tests/fixtures/tiny.yaml}
+CONTEXT=${CONTEXT:-$REPO}
 RUN_DIR=$WORK/run
 LOGS=$WORK/logs
 APP_UID=1000   # the Dockerfile's default runtime user
@@ -65,7 +67,7 @@ lint() {
   local hadolint
   hadolint=$(command -v hadolint || echo "$REPO/.venv/bin/hadolint")
   if [[ -x $hadolint ]]; then
-    "$hadolint" "$REPO/Dockerfile" && log "hadolint: no findings"
+    "$hadolint" "$CONTEXT/Dockerfile" && log "hadolint: no findings"
   else
     log "hadolint not found; skipped"
   fi
@@ -74,11 +76,12 @@ lint() {
 build() {
   local revision
   revision=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-  buildah bud --isolation chroot --layers \
+  buildah bud --isolation chroot --layers --force-rm \
     --build-arg BASE_IMAGE="$BASE_IMAGE" \
     --build-arg REVISION="$revision" \
     --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-    -t "$IMAGE" -f "$REPO/Dockerfile" "$REPO" 2>&1 | tee "$LOGS/build.log"
+    --format docker `# OCI format would drop SHELL (bash -o pipefail)` \
+    -t "$IMAGE" -f "$CONTEXT/Dockerfile" "$CONTEXT" 2>&1 | tee "$LOGS/build.log"
 }
 
 inspect() {
@@ -87,7 +90,9 @@ inspect() {
 entrypoint={{.OCIv1.Config.Entrypoint}} cmd={{.OCIv1.Config.Cmd}}
 env={{.OCIv1.Config.Env}}
 labels={{.OCIv1.Config.Labels}}' "$IMAGE"
-  buildah images "$BASE_IMAGE" "$IMAGE"
+  echo
+  buildah images "$BASE_IMAGE"
+  buildah images "$IMAGE" | tail -n +2
 }
 
 CTR=
@@ -121,6 +126,19 @@ sample_run() {
     --configfile config/config.yaml tiny.yaml "$@" 2>&1 | tee "$LOGS/sample_run.log"
 }
 
+other_invocations() {
+  # `docker run IMAGE -n`: the entrypoint adds --cores all; the default config's plan.
+  in_container /usr/local/bin/imgembed-entrypoint -n 2>&1 | tail -n 12
+  # `docker run --user 4242:4242 IMAGE -n ...`: a uid without a passwd entry, in a
+  # fresh container without mounts, must still find writable caches and /workspace.
+  local ctr2
+  ctr2=$(buildah from --pull-never "$IMAGE")
+  buildah run --isolation chroot --user 4242:4242 "$ctr2" -- sh -c '
+    id && python -c "import matplotlib.pyplot, timm, accelerate, imgembed; print(\"imports ok\")" &&
+    /usr/local/bin/imgembed-entrypoint -n --configfile config/config.yaml' 2>&1 | tail -n 12
+  buildah rm "$ctr2" >/dev/null
+}
+
 report() {
   log "outputs written through the mounts:"
   (cd "$RUN_DIR" && find . -type f ! -path './data/sample/*' | sort | head -100)
@@ -138,6 +156,7 @@ step "buildah bud -> $IMAGE" build
 step "inspect image" inspect
 step "prepare run folders + container" prepare_run
 step "sample workflow in the container" sample_run "$@"
+step "dry runs: no --cores given; as uid 4242" other_invocations
 step "report" report
 log "timings:"
 printf '%s\n' "${TIMINGS[@]}" "$(printf '%5d s  total' $((SECONDS - t_all)))" | tee "$LOGS/timings.txt"
