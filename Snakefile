@@ -1,5 +1,7 @@
 # imgembed: unpack -> train -> embed -> evaluate -> plot, for every dataset in config["datasets"].
 # Every rule runs one `python -m imgembed <stage>` command; dvc.yaml runs the same commands.
+import sys
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -8,6 +10,13 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+# One line naming the bad key (the same check as every CLI stage), then Snakemake's own check.
+try:
+    from imgembed.config import ConfigError, validate as validate_config
+
+    validate_config(config)
+except ConfigError as err:
+    sys.exit(f"imgembed: {err}")
 validate(config, "src/imgembed/schemas/config.schema.yaml")
 
 # The container image for `--software-deployment-method apptainer` (built from ./Dockerfile).

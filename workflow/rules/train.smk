@@ -22,5 +22,5 @@ rule train:
     conda:
         ENV
     shell:
-        "accelerate launch --config_file {params.accelerate} -m imgembed train {input} -o {params.model_dir} "
+        "accelerate launch --quiet --config_file {params.accelerate} -m imgembed train {input} -o {params.model_dir} "
         "--live-dir {output.live} --configfile {params.configfiles} --log {log}"
