@@ -190,8 +190,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("override,named", [
-    ({"train": {"lr": -0.5}}, ["['train']['lr']", "-0.5"]),
-    ({"train": {"lerning_rate": 0.1}}, ["lerning_rate", "['train']"]),
+    ({"train": {"lr": -0.5}}, ["imgembed: invalid config: 'train.lr' is -0.5"]),
+    ({"train": {"lerning_rate": 0.1}}, ["imgembed: invalid config:", "'lerning_rate'", "'train'"]),
 ], ids=["bad value", "unknown key"])
 def test_snakemake_dry_run_rejects_bad_config(project: Path, override: dict, named: list[str]) -> None:
     bad = project / "config" / "bad.yaml"
@@ -201,7 +201,6 @@ def test_snakemake_dry_run_rejects_bad_config(project: Path, override: dict, nam
                             timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "Error validating config file" in output
     for text in named:
         assert text in output, output[-2000:]
     assert "Traceback" not in output
