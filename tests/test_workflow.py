@@ -44,6 +44,9 @@ def check_outputs(project: Path, dataset: str, classes: int, test_images: int, e
     net = torch.jit.load(str(model_dir / "embedding_net.pt"))
     out = net(torch.zeros(3, 3, info["image_size"], info["image_size"]))
     assert out.shape == (3, embedding_dim)
+    # A plain fp32 graph: accelerate's autocast wrapper must not be traced into the export.
+    assert "bfloat16" not in str(net.inlined_graph)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
     assert (model_dir / "checkpoints" / "best.pt").is_file()
 
     with np.load(project / f"embeddings/{dataset}/test.npz") as npz:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from imgembed.config import fingerprint
 from imgembed.data import ImageDataset, build_transform, class_balanced_sampler, load_split
 from imgembed.errors import UserError
+from imgembed.export import export_for_config, require_onnx
 from imgembed.files import atomic_path, write_json
 from imgembed.metrics import evaluate_embeddings
 from imgembed.mining import random_triplets
@@ -98,11 +99,13 @@ def cached_features(net: EmbeddingNet, dataset: ImageDataset, batch_size: int, a
 # ---- checkpointing -----------------------------------------------------------------------
 
 class Checkpoints:
-    """models/D/checkpoints/: `last/` (accelerate state), `best.pt` and `state.json`.
+    """models/D/checkpoints/: `last/` (accelerate state + its state.json), `best.pt` and `state.json`.
 
     state.json records the config fingerprint, the last finished epoch, the best score and the
     per-epoch history, so a resumed run restores its logs too. A checkpoint made with other
-    settings is never resumed.
+    settings is never resumed. Resuming reads the copy inside `last/`, which is swapped in
+    together with the weights, so the epoch count always belongs to the weights it describes;
+    the copy beside it is for people and tools.
     """
 
     def __init__(self, model_dir: Path, key: str) -> None:
@@ -113,13 +116,28 @@ class Checkpoints:
 
     def load_state(self) -> dict[str, Any] | None:
         try:
-            state = json.loads(self.state_file.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
+            state = json.loads((self.dir / "last" / "state.json").read_text())
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
             return None
-        if state.get("fingerprint") != self.key or not (self.dir / "last").is_dir():
+        if state.get("fingerprint") != self.key:
             log.info("ignoring checkpoint in %s: made with other settings", self.dir)
             return None
         return state
+
+    def recover(self) -> None:
+        """Finish a swap that a kill interrupted between its renames (main process only).
+
+        `last.tmp` holding state.json is complete (state.json is written into it last) and newer
+        than `last.old`.
+        """
+        last = self.dir / "last"
+        if last.is_dir():
+            return
+        for candidate in (self.dir / "last.tmp", self.dir / "last.old"):
+            if (candidate / "state.json").is_file():
+                candidate.rename(last)
+                log.info("recovered the checkpoint %s left by an interrupted save", candidate)
+                return
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -133,6 +151,7 @@ class Checkpoints:
         accelerator.save_state(str(tmp))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            write_json(tmp / "state.json", state)  # written last: a last.tmp with a state.json is whole
             old = self.dir / "last.old"
             shutil.rmtree(old, ignore_errors=True)
             if (self.dir / "last").exists():
@@ -189,6 +208,8 @@ def effective_precision(accelerator: Accelerator, requested: str) -> str:
 
 def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     model_cfg, data_cfg, train_cfg = cfg["model"], cfg["data"], cfg["train"]
+    require_onnx(model_cfg)  # model.export_onnx without onnx installed: say so now, not after training
+    budget_started = time.perf_counter()  # train.max_seconds counts set-up (image and feature caches) too
     accelerator = Accelerator(mixed_precision=train_cfg["mixed_precision"])
     precision = effective_precision(accelerator, train_cfg["mixed_precision"])
     main = accelerator.is_main_process
@@ -235,7 +256,12 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
     objective = TripletObjective(train_cfg)
 
     manifest_classes = train_split.classes
-    checkpoints = Checkpoints(model_dir, fingerprint(model_cfg, data_cfg, train_cfg, manifest_classes, len(train_split.paths)))
+    checkpoints = Checkpoints(model_dir, fingerprint(
+        {k: v for k, v in model_cfg.items() if k != "export_onnx"},  # export only: checkpoints stay valid
+        data_cfg, train_cfg, manifest_classes, len(train_split.paths)))
+    if main:
+        checkpoints.recover()
+    accelerator.wait_for_everyone()
     state = checkpoints.load_state()
     if state is not None:
         accelerator.load_state(str(checkpoints.dir / "last"))
@@ -256,10 +282,14 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
         ", cached backbone features" if use_feature_cache else "",
     )
     started = time.perf_counter()
-    images_seen = 0
+    images_seen, step_seconds = 0, 0.0
+    class_order = list(sampler.labels)  # MPerClassSampler shuffles this list in place, carrying state across epochs
     for epoch in range(state["epoch"] + 1, train_cfg["epochs"] + 1):
         set_seed(train_cfg["seed"] + epoch)  # each epoch reproducible on its own, so resuming is exact
+        sampler.labels = list(class_order)  # ... so each epoch starts from the same order, resumed or not
+        epoch_started = time.perf_counter()
         record, seen = run_epoch(epoch, trainable, objective, optimizer, scheduler, train_loader, accelerator, train_cfg)
+        step_seconds += time.perf_counter() - epoch_started
         images_seen += seen
         record.update(validate(trainable, objective, val_loader, accelerator, cfg["evaluate"]["chunk_size"]))
         state["history"].append(record)
@@ -274,11 +304,25 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
                      epoch, train_cfg["epochs"], record["train/loss"], record["val/loss"],
                      record["val/precision_at_1"], record["val/map_at_5"], " (best)" if improved else "")
         checkpoints.save(accelerator, state)
+        if out_of_time(budget_started, train_cfg, accelerator):
+            if epoch < train_cfg["epochs"]:
+                log.info("train.max_seconds (%g s) spent: stopping after epoch %d of %d",
+                         train_cfg["max_seconds"], epoch, train_cfg["epochs"])
+            break
+    loop_seconds = time.perf_counter() - started
 
+    # accelerate patched autocast into forward(); remove it so the exported net is plain fp32.
+    accelerator.unwrap_model(trainable, keep_fp32_wrapper=False)
+    if use_feature_cache:
+        accelerator.unwrap_model(net.backbone, keep_fp32_wrapper=False)
     if main:
         net.load_state_dict(torch.load(checkpoints.best_file, map_location="cpu", weights_only=True))
         export_torchscript(net, model_cfg["image_size"], model_dir / "embedding_net.pt")
-        info.update(best_epoch=state["best_epoch"], best_val_map_at_5=state["best_map_at_5"], epochs=train_cfg["epochs"])
+        info.update(export_for_config(net, model_cfg, model_dir))
+        info.update(best_epoch=state["best_epoch"], best_val_map_at_5=state["best_map_at_5"], epochs=state["epoch"],
+                    setup_seconds=round(started - budget_started, 3),  # this run's timings (not a resumed run's)
+                    loop_seconds=round(loop_seconds, 3),
+                    train_images_per_s=round(images_seen / max(step_seconds, 1e-9), 2))
         write_json(model_dir / "model.json", info)
         live.end()
         elapsed = time.perf_counter() - started
@@ -287,6 +331,15 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
                  elapsed, images_seen / max(elapsed, 1e-9))
     accelerator.wait_for_everyone()
     return state
+
+
+def out_of_time(started: float, train_cfg: dict[str, Any], accelerator: Accelerator) -> bool:
+    """train.max_seconds spent? When any process has run out, all of them stop together."""
+    budget = train_cfg.get("max_seconds", 0)
+    if not budget:
+        return False
+    spent = torch.tensor(float(time.perf_counter() - started >= budget), device=accelerator.device)
+    return bool(accelerator.reduce(spent, reduction="sum").item() > 0) if accelerator.num_processes > 1 else bool(spent.item())
 
 
 def run_epoch(epoch: int, model: nn.Module, objective: TripletObjective, optimizer: torch.optim.Optimizer,
@@ -300,7 +353,10 @@ def run_epoch(epoch: int, model: nn.Module, objective: TripletObjective, optimiz
         with accelerator.autocast():
             embeddings = model(inputs)
         loss, _ = objective(embeddings, labels)
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach()).float().reshape(1)
+        if accelerator.num_processes > 1:  # stop all processes together, or the others wait forever
+            finite = accelerator.gather(finite).min().reshape(1)
+        if not finite.item():
             raise UserError(
                 f"training diverged: loss is {loss.item()} at epoch {epoch}, step {step}; the last good checkpoint "
                 "is kept under models/<dataset>/checkpoints/ (try a lower train.lr or train.mixed_precision: no)"
