@@ -25,7 +25,26 @@ def load_embeddings(path: Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path}: not a readable embeddings file ({err})") from None
 
 
-def evaluate_file(embeddings_path: Path, output_dir: Path, cfg: dict[str, Any]) -> dict[str, float]:
+def compare_with_baseline(metrics: dict[str, float], baseline_path: Path) -> dict[str, dict[str, float]]:
+    """Rows {name: P@1, mP@5, MAP@R}: the trained model first, then each baseline of `imgembed baseline`."""
+    import json
+
+    try:
+        baseline = json.loads(Path(baseline_path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{baseline_path}: file not found; run `imgembed baseline` first") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{baseline_path}: not valid JSON ({err})") from None
+    keys = ("precision_at_1", "map_at_5", "map_at_r")
+    rows = {"trained": {k: metrics[k] for k in keys}}
+    rows.update({name: {k: float(row[k]) for k in keys} for name, row in baseline.items()})
+    for name, row in rows.items():
+        log.info("%-14s P@1 %.3f  mP@5 %.3f  MAP@R %.3f", name, row["precision_at_1"], row["map_at_5"], row["map_at_r"])
+    return rows
+
+
+def evaluate_file(embeddings_path: Path, output_dir: Path, cfg: dict[str, Any],
+                  baseline: Path | None = None) -> dict[str, float]:
     data = load_embeddings(embeddings_path)
     labels = data["labels"]
     neighbours = leave_one_out_neighbours(data["embeddings"], neighbours_needed(labels), cfg["evaluate"]["chunk_size"])
@@ -36,4 +55,6 @@ def evaluate_file(embeddings_path: Path, output_dir: Path, cfg: dict[str, Any]) 
     log.info("%s: P@1 %.3f, mP@5 %.3f, MAP@R %.3f, R@1/5/10 %.3f/%.3f/%.3f over %d queries",
              embeddings_path, metrics["precision_at_1"], metrics["map_at_5"], metrics["map_at_r"],
              metrics["recall_at_1"], metrics["recall_at_5"], metrics["recall_at_10"], metrics["num_queries"])
+    if baseline is not None:
+        write_json(Path(output_dir) / "baseline_comparison.json", compare_with_baseline(metrics, baseline))
     return metrics

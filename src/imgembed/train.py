@@ -206,8 +206,17 @@ def effective_precision(accelerator: Accelerator, requested: str) -> str:
     return requested
 
 
+def resolve_model_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """model.freeze_batchnorm `auto`: frozen for pretrained weights, whose ImageNet statistics beat
+    ones re-estimated on small batches of a small dataset; trained for a random init, whose
+    initial statistics mean nothing."""
+    if model_cfg["freeze_batchnorm"] == "auto":
+        return {**model_cfg, "freeze_batchnorm": bool(model_cfg["pretrained"])}
+    return model_cfg
+
+
 def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    model_cfg, data_cfg, train_cfg = cfg["model"], cfg["data"], cfg["train"]
+    model_cfg, data_cfg, train_cfg = resolve_model_cfg(cfg["model"]), cfg["data"], cfg["train"]
     require_onnx(model_cfg)  # model.export_onnx without onnx installed: say so now, not after training
     budget_started = time.perf_counter()  # train.max_seconds counts set-up (image and feature caches) too
     accelerator = Accelerator(mixed_precision=train_cfg["mixed_precision"])

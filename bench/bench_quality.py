@@ -1,0 +1,193 @@
+"""Retrieval quality of the seed's recipe and the default recipe at the same wall-clock budget.
+
+    python bench/bench_quality.py --zip data/sample.zip --backbone tf_efficientnet_lite0 \
+        --weights weights/tf_efficientnet_lite0.pth --budget-seconds 150 --image-size 64
+
+Unpacks the zip into a temporary folder and reports, on its test split (leave-one-out, as the
+evaluate stage does):
+
+* baselines without training: raw pixels, the untrained backbone's pooled features and
+  their PCA to embedding_dim (see imgembed.baseline);
+* each recipe (``seed`` = config/config.yaml + config/seed.yaml, ``default`` =
+  config/config.yaml), trained with the same budget: a one-epoch probe times set-up and one
+  epoch, the real run gets as many epochs as fit (so its learning-rate schedule completes),
+  and ``train.max_seconds`` stops it in any case.
+
+Every stage runs as the pipeline runs it (``python -m imgembed train|embed|evaluate``). The
+last line is ``RATIO quality <default map_at_5 minus seed map_at_5>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = ROOT / "config" / "config.yaml"
+RECIPES = {"seed": [ROOT / "config" / "seed.yaml"], "default": []}
+MAX_EPOCHS = 500
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--zip", type=Path, required=True, help="dataset zip (train/ val/ test/ with one folder per class)")
+    p.add_argument("--backbone", default="tf_efficientnet_lite0", help="timm model name (default: %(default)s)")
+    p.add_argument("--weights", type=Path, help="local backbone weights (sets model.pretrained: true)")
+    p.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet) when --weights is not given")
+    p.add_argument("--budget-seconds", type=float, default=150.0, help="wall-clock training budget per recipe (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=64, help="model.image_size (default: %(default)s)")
+    p.add_argument("--embedding-dim", type=int, help="model.embedding_dim (default: config/config.yaml's)")
+    p.add_argument("--configfile", type=Path, nargs="*", default=[],
+                   help="extra config files merged over config/config.yaml for every row (e.g. tests/fixtures/tiny.yaml)")
+    p.add_argument("--recipe", action="append", default=[], metavar="NAME=FILE[,FILE...]",
+                   help="add or replace a recipe: config files merged over config/config.yaml (NAME= alone: the default config)")
+    p.add_argument("--only", nargs="+", help="run only these recipes (default: all)")
+    p.add_argument("--skip-baselines", action="store_true", help="leave out the rows without training")
+    p.add_argument("--no-probe", action="store_true", help="no timing probe: epochs stay as configured, only the budget stops training")
+    p.add_argument("--workdir", type=Path, help="keep all outputs here (default: a temporary folder, removed)")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    return p.parse_args(argv)
+
+
+def run(cmd: list[str], log_file: Path) -> float:
+    """Run an imgembed stage; its output goes to log_file; raise with the log's tail on failure."""
+    started = time.perf_counter()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    with open(log_file, "a", encoding="utf-8") as handle:
+        handle.write("$ " + " ".join(cmd) + "\n")
+        handle.flush()
+        code = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if code != 0:
+        tail = "\n".join(log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-15:])
+        raise SystemExit(f"bench_quality: {' '.join(cmd[2:4])} failed (exit {code}); last lines of {log_file}:\n{tail}")
+    return time.perf_counter() - started
+
+
+def imgembed(stage: str, *args: Any, configs: list[Path], log_file: Path) -> float:
+    cmd = [sys.executable, "-m", "imgembed", stage, *map(str, args), "--configfile", *map(str, configs)]
+    return run(cmd, log_file)
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def recipes_from(args: argparse.Namespace) -> dict[str, list[Path]]:
+    recipes = dict(RECIPES)
+    for spec in args.recipe:
+        name, _, files = spec.partition("=")
+        recipes[name] = [Path(f) for f in files.split(",") if f]
+    if args.only:
+        unknown = set(args.only) - set(recipes)
+        if unknown:
+            raise SystemExit(f"bench_quality: unknown recipe(s) {sorted(unknown)}; known: {sorted(recipes)}")
+        recipes = {name: recipes[name] for name in args.only}
+    return recipes
+
+
+def common_overrides(args: argparse.Namespace, data_dir: Path, configs: list[Path]) -> dict[str, Any]:
+    """What every row shares: backbone, weights, image size, and a P that the data allows."""
+    from imgembed.config import load_config
+
+    cfg = load_config(configs)
+    classes = len(json.loads((data_dir / "manifest.json").read_text())["classes"])
+    model: dict[str, Any] = {"backbone": args.backbone, "image_size": args.image_size,
+                             "pretrained": bool(args.weights or args.pretrained),
+                             "weights": str(args.weights.resolve()) if args.weights else None}
+    if args.embedding_dim:
+        model["embedding_dim"] = args.embedding_dim
+    return {"model": model, "data": {"classes_per_batch": min(cfg["data"]["classes_per_batch"], classes)}}
+
+
+def train_recipe(name: str, files: list[Path], args: argparse.Namespace, data_dir: Path, work: Path,
+                 shared: list[Path], log_file: Path) -> dict[str, Any]:
+    base = [BASE_CONFIG, *args.configfile, *files, *shared]
+    row: dict[str, Any] = {"row": name}
+    epochs = None
+    if not args.no_probe:
+        probe = work / f"{name}_probe"
+        configs = base + [write_yaml(work / f"{name}_probe.yaml", {"train": {"epochs": 1, "max_seconds": 0}})]
+        imgembed("train", data_dir, "-o", probe / "model", "--live-dir", probe / "live", configs=configs, log_file=log_file)
+        info = json.loads((probe / "model" / "model.json").read_text())
+        epoch_seconds = max(info["loop_seconds"], 1e-3)
+        epochs = int(min(MAX_EPOCHS, max(1, math.floor((args.budget_seconds - info["setup_seconds"]) / epoch_seconds))))
+        row.update(probe_setup_s=info["setup_seconds"], probe_epoch_s=epoch_seconds)
+    override: dict[str, Any] = {"train": {"max_seconds": args.budget_seconds}}
+    if epochs is not None:
+        override["train"]["epochs"] = epochs
+    configs = base + [write_yaml(work / f"{name}_budget.yaml", override)]
+    out = work / name
+    wall = imgembed("train", data_dir, "-o", out / "model", "--live-dir", out / "live", configs=configs, log_file=log_file)
+    imgembed("embed", data_dir, "--model", out / "model", "-o", out / "test.npz", configs=configs, log_file=log_file)
+    imgembed("evaluate", out / "test.npz", "-o", out / "report", configs=configs, log_file=log_file)
+    info = json.loads((out / "model" / "model.json").read_text())
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    row.update({k: metrics[k] for k in ("precision_at_1", "map_at_5", "map_at_r")})
+    row.update(epochs=info["epochs"], best_epoch=info["best_epoch"], train_s=info["setup_seconds"] + info["loop_seconds"],
+               train_wall_s=wall, images_per_s=info["train_images_per_s"])
+    return row
+
+
+def print_table(rows: list[dict[str, Any]], header: str) -> None:
+    print(header)
+    print(f"{'row':<16} {'P@1':>6} {'mP@5':>6} {'MAP@R':>6} {'epochs':>6} {'train s':>8} {'train img/s':>11}")
+    for r in rows:
+        epochs = f"{r['epochs']}" if "epochs" in r else "-"
+        train_s = f"{r['train_s']:.0f}" if "train_s" in r else "-"
+        ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"
+        print(f"{r['row']:<16} {r['precision_at_1']:6.3f} {r['map_at_5']:6.3f} {r['map_at_r']:6.3f} {epochs:>6} {train_s:>8} {ips:>11}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.zip.is_file():
+        raise SystemExit(f"bench_quality: {args.zip}: file not found (the digits sample: python -m imgembed sample -o data/sample.zip)")
+    if args.weights and not args.weights.is_file():
+        raise SystemExit(f"bench_quality: {args.weights}: file not found")
+    recipes = recipes_from(args)
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="bench_quality_")
+    work = Path(args.workdir or tmp.name).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    log_file = work / "bench.log"
+    try:
+        data_dir = work / "data"
+        if not (data_dir / "manifest.json").exists():
+            imgembed("unpack", args.zip.resolve(), "-o", data_dir, configs=[BASE_CONFIG], log_file=log_file)
+        shared = [write_yaml(work / "shared.yaml", common_overrides(args, data_dir, [BASE_CONFIG, *args.configfile]))]
+        rows: list[dict[str, Any]] = []
+        if not args.skip_baselines:
+            out = work / "baseline.json"
+            imgembed("baseline", data_dir, "-o", out, configs=[BASE_CONFIG, *args.configfile, *shared], log_file=log_file)
+            for name, metrics in json.loads(out.read_text()).items():
+                rows.append({"row": name, **metrics})
+        for name, files in recipes.items():
+            rows.append(train_recipe(name, files, args, data_dir, work, shared, log_file))
+            print(f"bench_quality: {name}: mP@5 {rows[-1]['map_at_5']:.3f} after {rows[-1]['epochs']} epochs", file=sys.stderr)
+        weights = args.weights.name if args.weights else ("timm hub" if args.pretrained else "random init")
+        print_table(rows, f"# {args.zip.name}: test split, leave-one-out; {args.backbone} ({weights}), "
+                          f"{args.image_size} px, training budget {args.budget_seconds:g} s per recipe")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        by_name = {r["row"]: r for r in rows}
+        if "seed" in by_name and "default" in by_name:
+            print(f"RATIO quality {by_name['default']['map_at_5'] - by_name['seed']['map_at_5']:.4f}")
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The seed preset, the baseline rows and the quality bench (tiny settings, CPU, about a minute)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import ROOT, TINY_CONFIG, make_dataset_zip
+from imgembed.baseline import baseline_rows, pca_reduce, raw_pixels, score
+from imgembed.config import load_config
+from imgembed.data import load_split
+from imgembed.evaluate import compare_with_baseline
+from imgembed.unpack import unpack_dataset
+
+CONFIG = ROOT / "config" / "config.yaml"
+
+
+def test_seed_preset_validates_and_is_the_seed_recipe():
+    cfg = load_config([CONFIG, ROOT / "config" / "seed.yaml"])
+    model, data, train = cfg["model"], cfg["data"], cfg["train"]
+    assert model["freeze_backbone"] and model["head"] == "mlp" and model["head_hidden"] == [712, 256]
+    assert model["normalize"] is False and data["augment"] is False
+    assert train["miner"] == "random" and train["loss_margin"] == 5.0 and train["distance"] == "squared_euclidean"
+    assert train["optimizer"] == "adam" and train["lr"] == 0.001 and train["scheduler"] == "step"
+
+
+def test_default_recipe_is_the_tuned_one():
+    cfg = load_config([CONFIG])
+    assert cfg["model"]["normalize"] and not cfg["model"]["freeze_backbone"]
+    assert cfg["train"]["miner"] in ("semihard", "hard") and cfg["train"]["loss_margin"] < 1
+    assert 0 < cfg["train"]["backbone_lr"] < cfg["train"]["lr"] and cfg["train"]["warmup_epochs"] >= 1
+    assert cfg["train"]["max_seconds"] == 0 and cfg["model"]["freeze_batchnorm"] == "auto"
+
+
+def test_freeze_batchnorm_auto_follows_pretrained():
+    from imgembed.train import resolve_model_cfg
+
+    model = load_config([CONFIG])["model"]
+    assert resolve_model_cfg({**model, "pretrained": True})["freeze_batchnorm"] is True
+    assert resolve_model_cfg({**model, "pretrained": False})["freeze_batchnorm"] is False
+    assert resolve_model_cfg({**model, "pretrained": True, "freeze_batchnorm": False})["freeze_batchnorm"] is False
+
+
+def test_guie_preset_validates_alone_and_with_the_seed():
+    cfg = load_config([CONFIG, ROOT / "config" / "guie.yaml", ROOT / "config" / "seed.yaml"])
+    assert cfg["datasets"] == ["baseline_split"] and cfg["model"]["backbone"] == "efficientnet_b3"
+    assert cfg["model"]["pretrained"] and cfg["model"]["image_size"] == 224 and cfg["model"]["embedding_dim"] == 64
+    assert load_config([CONFIG, ROOT / "config" / "guie.yaml"])["train"]["miner"] != "random"
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("quality")
+    zip_path = make_dataset_zip(tmp / "tiny.zip", classes=4, per_split={"train": 8, "val": 4, "test": 4})
+    unpack_dataset(zip_path, tmp / "data", load_config([CONFIG])["unpack"])
+    return tmp / "data"
+
+
+def test_raw_pixels_and_score(tiny_data):
+    split = load_split(tiny_data, "test")
+    x = raw_pixels(split, size=8)
+    assert x.shape == (16, 8 * 8 * 3) and 0 <= x.min() and x.max() <= 1
+    metrics = score(x, split.labels)
+    assert metrics["num_queries"] == 16 and metrics["map_at_5"] > 0.9  # the generated classes differ in colour
+
+
+def test_score_is_exact_on_separated_vectors():
+    labels = np.repeat(np.arange(3), 4)
+    vectors = np.eye(3)[labels] + 0.01 * np.random.RandomState(0).randn(12, 3)
+    assert score(vectors, labels)["map_at_r"] == pytest.approx(1.0)
+
+
+def test_pca_reduce_fits_on_train_and_caps_the_dimension():
+    rng = np.random.RandomState(0)
+    train, query = rng.randn(20, 10), rng.randn(5, 10)
+    assert pca_reduce(train, query, 4).shape == (5, 4)
+    assert pca_reduce(train[:3], query, 8).shape == (5, 3)
+
+
+def test_baseline_rows_on_a_tiny_dataset(tiny_data):
+    cfg = load_config([CONFIG, TINY_CONFIG])
+    rows = baseline_rows(tiny_data, cfg)
+    assert set(rows) == {"raw_pixels", "backbone", "backbone_pca"}
+    assert rows["backbone"]["features"] > rows["backbone_pca"]["dim"] or rows["backbone_pca"]["dim"] == 16
+    for metrics in rows.values():
+        assert 0 <= metrics["map_at_5"] <= 1 and metrics["num_queries"] == 16
+    again = baseline_rows(tiny_data, cfg, rows=("backbone",))  # a random-init backbone is seeded
+    assert again["backbone"]["map_at_r"] == rows["backbone"]["map_at_r"]
+
+
+def test_evaluate_compares_with_baseline(tmp_path):
+    (tmp_path / "baseline.json").write_text(json.dumps({"raw_pixels": {"precision_at_1": 0.5, "map_at_5": 0.4, "map_at_r": 0.3}}))
+    rows = compare_with_baseline({"precision_at_1": 0.9, "map_at_5": 0.8, "map_at_r": 0.7}, tmp_path / "baseline.json")
+    assert list(rows) == ["trained", "raw_pixels"] and rows["raw_pixels"]["map_at_5"] == 0.4
+
+
+def test_bench_quality_end_to_end(tmp_path):
+    """Both recipes and the baselines on a tiny zip; the 1 s budget stops training after epoch 1 of 2."""
+    zip_path = make_dataset_zip(tmp_path / "tiny.zip", classes=4, per_split={"train": 8, "val": 4, "test": 4})
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--zip", str(zip_path), "--backbone", "test_efficientnet",
+           "--budget-seconds", "1", "--image-size", "32", "--configfile", str(TINY_CONFIG), "--no-probe",
+           "--json", str(tmp_path / "rows.json")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("RATIO quality ")
+    float(lines[-1].split()[-1])
+    rows = {row["row"]: row for row in json.loads((tmp_path / "rows.json").read_text())}
+    assert set(rows) == {"raw_pixels", "backbone", "backbone_pca", "seed", "default"}
+    assert rows["seed"]["epochs"] == 1 and rows["default"]["epochs"] == 1  # train.max_seconds stopped both
+    assert all(0 <= row["map_at_5"] <= 1 for row in rows.values())
