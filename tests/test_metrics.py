@@ -2,7 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 
+import imgembed.metrics as metrics_module
 from imgembed.metrics import (
     evaluate_embeddings,
     leave_one_out_neighbours,
@@ -71,8 +73,8 @@ def test_relevant_counts_and_neighbours_needed():
 
 
 def test_large_path_matches_brute_force():
-    # Above 4096 items the search switches to topk; it must give the same order as a full
-    # stable sort, including ties (duplicated points force exact ties).
+    # Above 4096 items the search bounds each query's k-th distance and ranks candidates; it must
+    # give the same order as a full stable sort, including ties (duplicated points force exact ties).
     rng = np.random.RandomState(0)
     x = rng.randint(0, 4, size=(4200, 3)).astype(np.float32)
     nn = leave_one_out_neighbours(x, k=7, chunk_size=1000)
@@ -100,3 +102,37 @@ def test_perfect_and_hopeless_embeddings():
     y2 = np.repeat(np.arange(5), 4)
     m2 = evaluate_embeddings(hopeless, y2[np.argsort(np.repeat(np.arange(5), 4), kind="stable")])
     assert 0.0 <= m2["precision_at_1"] <= 1.0
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+def test_bound_search_finds_the_true_nearest(normalise):
+    """The bounded search against float64 brute force, on clustered data sorted by class (the
+    order an embeddings file has) and, unnormalised, with norms spread over two decades."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(500), 10)
+    x = rng.normal(size=(500, 16))[labels] + 0.7 * rng.normal(size=(5000, 16))
+    x = x / np.linalg.norm(x, axis=1, keepdims=True) if normalise else x * rng.uniform(0.1, 10, size=(5000, 1))
+    x = x.astype(np.float32)
+    k = 12
+    nn = leave_one_out_neighbours(x, k=k, chunk_size=256)
+    assert nn.shape == (5000, k)
+    x64 = x.astype(np.float64)
+    for q in rng.choice(5000, 200, replace=False):
+        d = ((x64 - x64[q]) ** 2).sum(1)
+        d[q] = np.inf
+        assert q not in nn[q]
+        np.testing.assert_allclose(d[nn[q]], np.sort(d)[:k], rtol=1e-5, atol=1e-6)
+
+
+def test_bound_search_matches_full_sort_on_ties_and_chunks():
+    rng = np.random.RandomState(5)
+    x = rng.randint(0, 3, size=(4500, 4)).astype(np.float32)  # 81 distinct points: ties everywhere
+    full = metrics_module._neighbours_by_full_sort(torch.as_tensor(x), 9, 1024)
+    for chunk in (100, 1024):
+        assert (leave_one_out_neighbours(x, k=9, chunk_size=chunk) == full).all()
+
+
+def test_per_class_precision_at_1_counts_only_answerable_queries():
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    neighbours = np.array([[1], [2], [3], [4], [0], [0]])
+    assert per_class_precision_at_1(labels, neighbours, ["a", "b", "c"]) == {"a": 0.5, "b": 2 / 3, "c": None}

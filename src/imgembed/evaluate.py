@@ -47,7 +47,8 @@ def evaluate_file(embeddings_path: Path, output_dir: Path, cfg: dict[str, Any],
                   baseline: Path | None = None) -> dict[str, float]:
     data = load_embeddings(embeddings_path)
     labels = data["labels"]
-    neighbours = leave_one_out_neighbours(data["embeddings"], neighbours_needed(labels), cfg["evaluate"]["chunk_size"])
+    neighbours = leave_one_out_neighbours(data["embeddings"], neighbours_needed(labels), cfg["evaluate"]["chunk_size"],
+                                          progress=True)
     metrics = retrieval_metrics(labels, neighbours)
     per_class = per_class_precision_at_1(labels, neighbours, [str(c) for c in data["class_names"]])
     write_json(Path(output_dir) / "per_class.json", per_class)

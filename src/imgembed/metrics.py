@@ -7,44 +7,143 @@ broken by index (the earlier item ranks first), which makes every result determi
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 RECALL_KS = (1, 5, 10)
 
 
+# Up to this many items, one full sort per block of queries is cheap; above it the search
+# bounds each query's k-th distance first (see `_neighbours_by_bound`).
+FULL_SORT_MAX_ITEMS = 4096
+# Score tiles of about this many floats (8 MB) stay in the CPU cache between the matrix product
+# and the scan that follows it; writing full query x N rows to memory is what made the plain
+# search slow at 200,000 items.
+TILE_FLOATS = 1 << 21
+# Columns of a tile are scanned in groups this wide: one max per group finds the few groups
+# that hold a candidate.
+GROUP = 32
+# The bound on each query's k-th distance comes from an exact search over every STRIDE-th item.
+STRIDE = 16
+
+
 def leave_one_out_neighbours(
-    embeddings: np.ndarray | torch.Tensor, k: int, chunk_size: int = 1024
+    embeddings: np.ndarray | torch.Tensor, k: int, chunk_size: int = 1024, progress: bool = False
 ) -> np.ndarray:
     """Indices (N x k) of each item's k nearest other items by Euclidean distance.
 
-    Exact search in blocks of `chunk_size` queries keeps memory at chunk_size x N floats,
-    so 200k embeddings never need an N x N matrix.
+    Exact search in blocks of `chunk_size` queries, so 200k embeddings never need an N x N
+    matrix. Ties in distance rank the lower index first, whichever path runs.
     """
     x = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
     n = x.shape[0]
     k = min(k, n - 1)
     if k <= 0:
         return np.zeros((n, 0), dtype=np.int64)
+    with torch.no_grad():
+        if n <= FULL_SORT_MAX_ITEMS or n // STRIDE < 4 * (k + 1):
+            return _neighbours_by_full_sort(x, k, chunk_size)
+        return _neighbours_by_bound(x, k, chunk_size, progress)
+
+
+def _neighbours_by_full_sort(x: torch.Tensor, k: int, chunk_size: int) -> np.ndarray:
+    n = x.shape[0]
     sq_norms = (x * x).sum(1)
     out = np.empty((n, k), dtype=np.int64)
-    with torch.no_grad():
-        for start in range(0, n, chunk_size):
-            q = x[start : start + chunk_size]
-            rows = torch.arange(start, start + q.shape[0])
-            dist = sq_norms[rows, None] + sq_norms[None, :] - 2.0 * (q @ x.T)
-            dist.clamp_(min=0)
-            dist[torch.arange(q.shape[0]), rows] = float("inf")
-            if n <= 4096:
-                order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
-            else:
-                # topk does not order ties; re-sort the selected block by (distance, index).
-                _, cand = torch.topk(dist, k, dim=1, largest=False)
-                cand, _ = torch.sort(cand, dim=1)
-                sel = torch.gather(dist, 1, cand)
-                order = torch.gather(cand, 1, torch.sort(sel, dim=1, stable=True).indices)
-            out[start : start + q.shape[0]] = order.numpy()
+    for start in range(0, n, chunk_size):
+        q = x[start : start + chunk_size]
+        rows = torch.arange(start, start + q.shape[0])
+        dist = sq_norms[rows, None] + sq_norms[None, :] - 2.0 * (q @ x.T)
+        dist.clamp_(min=0)
+        dist[torch.arange(q.shape[0]), rows] = float("inf")
+        out[start : start + q.shape[0]] = torch.sort(dist, dim=1, stable=True).indices[:, :k].numpy()
     return out
+
+
+def _neighbours_by_bound(x: torch.Tensor, k: int, chunk_size: int, progress: bool = False) -> np.ndarray:
+    """Exact k nearest neighbours of every item without scanning an N x N matrix in memory.
+
+    Nearest by distance means largest score s(q, x) = q.x - |x|^2/2, one matrix product of
+    [q, 1] with [x, -|x|^2/2]. For each block of queries:
+    1. an exact search over every STRIDE-th item gives each query a score bound: at least k
+       other items score at or above it (its (k+1)-th best there, the query itself included);
+    2. cache-sized score tiles over all items keep only the items at or above the bound
+       (a few hundred per query), found through the maximum of each group of columns;
+    3. those candidates are ranked by score (the distance, up to fp32 rounding), then index.
+    Step 1 proves the true k nearest are all among the candidates, so the result is exact.
+    """
+    n, dim = x.shape
+    sq_norms = (x * x).sum(1)
+    scored = torch.cat([x, -0.5 * sq_norms[:, None]], dim=1)
+    chunk = max(1, min(chunk_size, 1024))
+    width = max(GROUP, (TILE_FLOATS // chunk) // GROUP * GROUP)
+    padded = -(-n // width) * width
+    if padded > n:  # rows that score -inf pad the last tile to full width
+        pad = torch.zeros(padded - n, dim + 1)
+        pad[:, -1] = float("-inf")
+        scored = torch.cat([scored, pad])
+    sample = scored[:n:STRIDE]
+    # Two matrix products of the same numbers may round differently; lowering the bound by far
+    # more than fp32 rounding can move a score only adds a few candidates.
+    slack = 1e-4 * (sq_norms.max() + 1.0)
+    out = np.empty((n, k), dtype=np.int64)
+
+    def search_block(start: int) -> None:
+        stop = min(start + chunk, n)
+        queries = torch.cat([x[start:stop], torch.ones(stop - start, 1)], dim=1)
+        bound = torch.topk(queries @ sample.T, k + 1, dim=1).values[:, -1:] - slack
+        rows, cols, values = [], [], []
+        scores = torch.empty(stop - start, width)
+        for left in range(0, padded, width):
+            torch.mm(queries, scored[left : left + width].T, out=scores)
+            groups = scores.view(stop - start, width // GROUP, GROUP)
+            hit_rows, hit_groups = torch.nonzero(groups.amax(dim=2) >= bound, as_tuple=True)
+            hits = groups[hit_rows, hit_groups]
+            member, offset = torch.nonzero(hits >= bound[hit_rows], as_tuple=True)
+            rows.append(hit_rows[member])
+            cols.append(left + hit_groups[member] * GROUP + offset)
+            values.append(hits[member, offset])
+        out[start:stop] = _best_candidates(start, stop - start, torch.cat(rows), torch.cat(cols), torch.cat(values), k)
+
+    # Most of the work is small tensor operations that one thread runs no faster than several:
+    # one block of queries per thread, each single-threaded, keeps every core busy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            blocks = pool.map(search_block, range(0, n, chunk))
+            for _ in tqdm(blocks, total=-(-n // chunk), desc="nearest neighbours", unit="block", disable=not progress):
+                pass
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _best_candidates(start: int, num_queries: int, rows: torch.Tensor, cols: torch.Tensor, scores: torch.Tensor,
+                     k: int) -> np.ndarray:
+    """The k best-scoring candidates of each query row, ties by index.
+
+    Candidates arrive grouped by tile and, within a row, in increasing index order; a stable
+    sort by row keeps that order, so a stable sort by score breaks ties by index.
+    """
+    not_self = cols != rows + start
+    rows, cols, scores = rows[not_self], cols[not_self], scores[not_self]
+    by_row = torch.sort(rows, stable=True).indices
+    rows, cols, scores = rows[by_row], cols[by_row], scores[by_row]
+    counts = torch.bincount(rows, minlength=num_queries)
+    if counts.min() < k:  # cannot happen by step 1; say so loudly if it does
+        raise AssertionError("nearest-neighbour bound kept fewer than k candidates")
+    first = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(rows)) - first[rows]
+    dense_scores = torch.full((num_queries, int(counts.max())), float("-inf"))
+    dense_cols = torch.zeros((num_queries, int(counts.max())), dtype=torch.int64)
+    dense_scores[rows, slot] = scores
+    dense_cols[rows, slot] = cols
+    best = torch.sort(dense_scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.gather(dense_cols, 1, best).numpy()
 
 
 def relevant_counts(labels: np.ndarray) -> np.ndarray:
@@ -97,12 +196,10 @@ def per_class_precision_at_1(
     """Precision@1 of each class's queries; None for a class with fewer than two items."""
     labels = np.asarray(labels)
     correct = labels[neighbours[:, 0]] == labels if neighbours.shape[1] else np.zeros(len(labels), bool)
-    n_rel = relevant_counts(labels)
-    result: dict[str, float | None] = {}
-    for index, name in enumerate(class_names):
-        mask = (labels == index) & (n_rel > 0)
-        result[name] = float(correct[mask].mean()) if mask.any() else None
-    return result
+    answerable = relevant_counts(labels) > 0
+    queries = np.bincount(labels[answerable], minlength=len(class_names))
+    right = np.bincount(labels[answerable], weights=correct[answerable], minlength=len(class_names))
+    return {name: float(right[i] / queries[i]) if queries[i] else None for i, name in enumerate(class_names)}
 
 
 def evaluate_embeddings(embeddings: np.ndarray, labels: np.ndarray, chunk_size: int = 1024) -> dict[str, float]:
