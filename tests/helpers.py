@@ -14,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "tests" / "fixtures" / "tiny.yaml"
 PROJECT_FILES = ("Snakefile", "config", "workflow", "envs", "profiles", "dvc.yaml", "tests/fixtures", "src/imgembed/schemas")
 SPLIT_INDEX = {"train": 0, "val": 1, "test": 2}
+# What a git + DVC clone needs besides the workflow files: git/DVC ignore rules, the baseline
+# import and the code that dvc.yaml lists as dependencies.
+CLONE_FILES = (".gitignore", ".dvcignore", "data/baseline_split.zip.dvc", "src/imgembed")
 
 
 def png_bytes(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -65,3 +68,25 @@ def copy_project(target: Path) -> Path:
             shutil.copy2(src, target / name)
     (target / "data").mkdir(exist_ok=True)
     return target
+
+
+def copy_clone(target: Path, dataset: str = "tiny") -> dict:
+    """copy_project plus CLONE_FILES, with the tiny settings and `datasets: [dataset]` written into
+    config/config.yaml (DVC commands read only that file); git and DVC are left to the caller.
+    Returns the merged config."""
+    import yaml
+
+    from imgembed.config import merge
+
+    project = copy_project(target)
+    for name in CLONE_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, project / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (project / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, project / name)
+    tiny = yaml.safe_load(TINY_CONFIG.read_text())
+    config = merge(yaml.safe_load((project / "config" / "config.yaml").read_text()), {**tiny, "datasets": [dataset]})
+    (project / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return config

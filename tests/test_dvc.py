@@ -19,15 +19,12 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import ROOT, TINY_CONFIG, copy_project, make_dataset_zip
+from helpers import ROOT, copy_clone, make_dataset_zip
 
 METRIC_KEYS = ("precision_at_1", "map_at_5", "map_at_r", "recall_at_1", "recall_at_5", "recall_at_10")
 LIVE_METRICS = ("train/loss", "val/loss", "val/precision_at_1", "val/map_at_5", "train/lr")
 PIPELINE = ("unpack", "train", "embed", "evaluate", "plot")
 IMPORT_FILE = "data/baseline_split.zip.dvc"
-# What the clone needs besides copy_project's workflow files: git/DVC ignore rules, the
-# baseline import and the code that dvc.yaml lists as dependencies.
-CLONE_FILES = (".gitignore", ".dvcignore", IMPORT_FILE, "src/imgembed")
 
 
 def dvc_env(tmp_path: Path) -> dict[str, str]:
@@ -103,18 +100,8 @@ def test_dvc_yaml_declares_metrics_and_plots():
 def make_clone(tmp_path: Path, env: dict[str, str]) -> tuple[Path, dict]:
     """A git + DVC repository as a user's clone has it, with a tiny dataset and the tiny settings
     written into config/config.yaml (the DVC commands read only that file)."""
-    from imgembed.config import merge
-
-    project = copy_project(tmp_path / "project")
-    for name in CLONE_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, project / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, project / name)
-    tiny = yaml.safe_load(TINY_CONFIG.read_text())
-    config = merge(yaml.safe_load((project / "config" / "config.yaml").read_text()), {**tiny, "datasets": ["tiny"]})
-    (project / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    project = tmp_path / "project"
+    config = copy_clone(project)
     classes = max(3, config["data"]["classes_per_batch"])
     run(project, env, "git", "init", "-q")
     run(project, env, "git", "add", "-A")
