@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
     p.add_argument("--batch-size", type=int, default=128, help="embed.batch_size")
     p.add_argument("--classes", type=int, default=8)
-    p.add_argument("--test-per-class", type=int, default=64, help="test images per class")
+    p.add_argument("--test-per-class", type=int, default=256, help="test images per class (default: %(default)s, 2048 images: a test split of real size)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="stage runs (each between two raw blocks)")
     p.add_argument("--warmup", type=int, default=1, help="first stage runs left out of the ratio")

@@ -13,6 +13,8 @@ import pytest
 
 from helpers import ROOT
 
+pytestmark = pytest.mark.e2e  # each script runs the real stages (about 90 s for all six)
+
 TINY_TRAINING = ["--backbone", "test_efficientnet", "--image-size", "32", "--classes", "3", "--classes-per-batch", "3",
                  "--samples-per-class", "2", "--train-per-class", "4", "--val-per-class", "2", "--num-workers", "0"]
 CASES = {

@@ -252,7 +252,9 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
     if not model_cfg["freeze_backbone"] and train_cfg["backbone_lr"] > 0:
         groups.append({"params": list(net.backbone.parameters()), "lr": train_cfg["backbone_lr"]})
     optim_cls = torch.optim.AdamW if train_cfg["optimizer"] == "adamw" else torch.optim.Adam
-    optimizer = optim_cls(groups, weight_decay=train_cfg["weight_decay"])
+    # foreach: one multi-tensor update instead of a Python loop over ~400 parameters (PyTorch's
+    # default on the GPU only); profiling showed the per-parameter loop in every CPU step.
+    optimizer = optim_cls(groups, weight_decay=train_cfg["weight_decay"], foreach=True)
     trainable, optimizer, train_loader, val_loader = accelerator.prepare(trainable, optimizer, train_loader, val_loader)
 
     steps_per_epoch = len(train_loader)
