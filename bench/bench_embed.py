@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import RawTimm, bench_config, make_dataset, print_table, quiet, ratio_line  # noqa: E402
+from common import RawTimm, bench_config, make_dataset, print_table, quiet, ratio_line, workers_setting  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128, help="embed.batch_size")
     p.add_argument("--classes", type=int, default=8)
     p.add_argument("--test-per-class", type=int, default=256, help="test images per class (default: %(default)s, 2048 images: a test split of real size)")
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=workers_setting, default="auto", help="data.num_workers (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="stage runs (each between two raw blocks)")
     p.add_argument("--warmup", type=int, default=1, help="first stage runs left out of the ratio")
     p.add_argument("--workdir", type=Path, help="default: a temporary folder")
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace, workdir: Path) -> float:
             den[0] += raw_images
             den[1] += raw_seconds
     print(f"embed: {args.backbone}, {args.image_size} px, batch {args.batch_size}, {args.precision}, "
-          f"{args.num_workers} workers, {torch.get_num_threads()} threads, {n_images} test images per run")
+          f"data.num_workers {args.num_workers}, {torch.get_num_threads()} threads, {n_images} test images per run")
     print_table(["run", "images", "seconds", "stage img/s", "raw img/s (adjacent)", "ratio", "counted"], rows)
     print(f"overall: embed stage {num[0] / num[1]:.2f} img/s vs raw timm inference {den[0] / den[1]:.2f} img/s "
           "(stage time includes loading the model and writing the .npz)")

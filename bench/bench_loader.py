@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from bench_train import build_parser, train_config  # noqa: E402
-from common import make_dataset, print_table, quiet, ratio_line  # noqa: E402
+from common import device, make_dataset, print_table, quiet, ratio_line  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 
@@ -51,13 +51,13 @@ def loader_rate(loader, min_seconds: float, max_passes: int = 50) -> tuple[int, 
 def uncached_twin(loader, args: argparse.Namespace) -> DataLoader:
     """train_model's loader rebuilt from the same parts, over the same split and transform,
     but without the image cache (data.cache_bytes: 0)."""
-    from imgembed.data import ImageDataset, class_balanced_sampler
+    from imgembed.data import ImageDataset, class_balanced_sampler, resolve_num_workers
 
     cached = loader.dataset
     sampler = class_balanced_sampler(cached.split.labels, args.classes_per_batch, args.samples_per_class)
     return DataLoader(ImageDataset(cached.split, cached.transform, cached.image_size, cache_bytes=0),
                       batch_size=args.classes_per_batch * args.samples_per_class, sampler=sampler, drop_last=True,
-                      num_workers=args.num_workers)
+                      num_workers=resolve_num_workers(args.num_workers, device()))
 
 
 def run(args: argparse.Namespace, workdir: Path) -> float:
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace, workdir: Path) -> float:
     cached = sum(c for c, _, _ in counted) / len(counted)
     uncached = sum(u for _, u, _ in counted) / len(counted)
     train = sum(t for _, _, t in counted) / len(counted)
-    print(f"loader: {args.backbone}, {args.image_size} px images, batch {batch}, {args.num_workers} workers, "
+    print(f"loader: {args.backbone}, {args.image_size} px images, batch {batch}, data.num_workers {args.num_workers}, "
           f"{args.classes * args.train_per_class} training images")
     print_table(["epoch", "loader img/s (cache)", "loader img/s (no cache)", "train img/s",
                  "ratio (cache)", "ratio (no cache)", "counted"], table)

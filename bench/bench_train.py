@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import RawTimm, bench_config, make_dataset, print_table, quiet, ratio_line  # noqa: E402
+from common import RawTimm, bench_config, make_dataset, print_table, quiet, ratio_line, workers_setting  # noqa: E402
 
 
 def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.Argumen
     p.add_argument("--samples-per-class", type=int, default=4)
     p.add_argument("--train-per-class", type=int, default=24, help="training images per class")
     p.add_argument("--val-per-class", type=int, default=2)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=workers_setting, default="auto", help="data.num_workers (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--warmup-epochs", type=int, default=1, help="first epochs left out of the ratio")
     p.add_argument("--raw-steps", type=int, default=0, help="raw steps per block (default: one epoch's worth)")
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, workdir: Path) -> float:
             den[1] += blocks[i][1] + blocks[i + 1][1]
     ratio = (num[0] / num[1]) / (den[0] / den[1])
     print(f"train: {args.backbone}, {args.image_size} px, batch {batch}, {args.precision}, "
-          f"{args.num_workers} workers, {torch.get_num_threads()} threads; raw blocks of {raw_steps} steps")
+          f"data.num_workers {args.num_workers}, {torch.get_num_threads()} threads; raw blocks of {raw_steps} steps")
     print_table(["epoch", "images", "seconds", "train img/s", "raw img/s (adjacent)", "ratio", "counted"], rows)
     print(f"overall: train {num[0] / num[1]:.2f} img/s vs raw timm forward+backward {den[0] / den[1]:.2f} img/s")
     return ratio

@@ -44,6 +44,11 @@ def make_dataset(workdir: Path, classes: int, per_split: dict[str, int], size: i
     return workdir / "data"
 
 
+def workers_setting(value: str) -> int | str:
+    """--num-workers: an integer or `auto`, as data.num_workers takes."""
+    return value if value == "auto" else int(value)
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

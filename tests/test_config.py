@@ -61,6 +61,8 @@ BAD_VALUES = [
     ("datasets", ["my data"], "'datasets.0' is \"my data\"; allowed: a string matching ^[A-Za-z0-9_-]+$"),
     ("train", 5, "'train' is 5; allowed: a mapping of keys"),
     ("plots.num_queries", 50, "'plots.num_queries' is 50; allowed: an integer >= 1 and <= 20"),
+    ("data.num_workers", "many", "'data.num_workers' is \"many\"; allowed: an integer >= 0 or \"auto\""),
+    ("data.num_workers", -1, "'data.num_workers' is -1; allowed: an integer >= 0 or \"auto\""),
 ]
 
 

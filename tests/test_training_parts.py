@@ -94,3 +94,13 @@ def test_step_decay():
     cfg = {**TRAIN_CFG, "scheduler": "step", "step_size": 2, "gamma": 0.1}
     factors = [lr_factor(epoch * 5, 100, 0, cfg, steps_per_epoch=5) for epoch in range(5)]
     assert factors == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+
+
+def test_num_workers_auto_is_none_on_the_cpu_and_several_on_a_gpu(monkeypatch):
+    from imgembed.data import resolve_num_workers
+
+    assert resolve_num_workers("auto", torch.device("cpu")) == 0
+    assert resolve_num_workers(3, torch.device("cpu")) == 3
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert resolve_num_workers("auto", torch.device("cuda")) == 8
+    assert resolve_num_workers("auto", torch.device("cuda"), processes=4) == 3

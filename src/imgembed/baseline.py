@@ -24,7 +24,7 @@ from PIL import Image
 from sklearn.decomposition import PCA
 from torch.utils.data import DataLoader
 
-from imgembed.data import ImageDataset, Split, build_transform, load_image, load_split
+from imgembed.data import ImageDataset, Split, build_transform, load_image, load_split, resolve_num_workers
 from imgembed.files import write_json
 from imgembed.metrics import evaluate_embeddings
 from imgembed.model import create_backbone, describe_model
@@ -68,7 +68,7 @@ def backbone_features(splits: dict[str, Split], cfg: dict[str, Any], precision: 
     for name, split in splits.items():
         dataset = ImageDataset(split, transform, model_cfg["image_size"], cache_bytes=0)
         loader = DataLoader(dataset, batch_size=cfg["embed"]["batch_size"], shuffle=False,
-                            num_workers=data_cfg["num_workers"])
+                            num_workers=resolve_num_workers(data_cfg["num_workers"], device))
         chunks = []
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             for images, _ in loader:

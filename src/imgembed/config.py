@@ -90,6 +90,10 @@ def _allowed(schema: dict[str, Any]) -> str:
     """What a schema node accepts, in words: 'a number > 0', 'a list of 2 numbers > 0 and <= 1'."""
     if "enum" in schema:
         return "one of " + ", ".join(_show(v) for v in schema["enum"])
+    if "const" in schema:
+        return _show(schema["const"])
+    if "anyOf" in schema:
+        return " or ".join(filter(None, (_allowed(option) for option in schema["anyOf"])))
     kinds = schema.get("type")
     if kinds is None:
         return ""

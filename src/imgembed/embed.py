@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from imgembed.data import ImageDataset, build_transform, load_split
+from imgembed.data import ImageDataset, build_transform, load_split, resolve_num_workers
 from imgembed.errors import UserError
 from imgembed.files import atomic_path
 from imgembed.model import embed_batches
@@ -56,7 +56,8 @@ def embed_split(data_dir: Path, model_dir: Path, output: Path, cfg: dict[str, An
     transform = build_transform(info, cfg["data"], training=False)
     dataset = ImageDataset(split_data, transform, info["image_size"], cache_bytes=0)
     loader = DataLoader(dataset, batch_size=cfg["embed"]["batch_size"], shuffle=False,
-                        num_workers=cfg["data"]["num_workers"], pin_memory=accelerator.device.type == "cuda")
+                        num_workers=resolve_num_workers(cfg["data"]["num_workers"], accelerator.device, accelerator.num_processes),
+                        pin_memory=accelerator.device.type == "cuda")
     loader = accelerator.prepare(loader)
     net = net.to(accelerator.device)
     started = time.perf_counter()

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from imgembed.config import fingerprint
-from imgembed.data import ImageDataset, build_transform, class_balanced_sampler, load_split
+from imgembed.data import ImageDataset, build_transform, class_balanced_sampler, load_split, resolve_num_workers
 from imgembed.errors import UserError
 from imgembed.export import export_for_config, require_onnx
 from imgembed.files import atomic_path, write_json
@@ -230,7 +230,8 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
     use_feature_cache = model_cfg["freeze_backbone"] and not data_cfg["augment"]
     batch_size = data_cfg["classes_per_batch"] * data_cfg["samples_per_class"]
     sampler = class_balanced_sampler(train_split.labels, data_cfg["classes_per_batch"], data_cfg["samples_per_class"])
-    loader_kwargs = dict(num_workers=data_cfg["num_workers"], pin_memory=accelerator.device.type == "cuda")
+    workers = resolve_num_workers(data_cfg["num_workers"], accelerator.device, accelerator.num_processes)
+    loader_kwargs = dict(num_workers=workers, pin_memory=accelerator.device.type == "cuda")
 
     eval_transform = build_transform(info, data_cfg, training=False)
     train_images = ImageDataset(train_split, build_transform(info, data_cfg, training=not use_feature_cache),
