@@ -54,7 +54,8 @@ def train_config(args: argparse.Namespace) -> dict:
         "model": {"backbone": args.backbone, "pretrained": False, "weights": None, "image_size": args.image_size,
                   "export_onnx": False},
         "data": {"classes_per_batch": args.classes_per_batch, "samples_per_class": args.samples_per_class,
-                 "num_workers": args.num_workers},
+                 "num_workers": args.num_workers,
+                 "augment": True},  # random weights here (speed only), but time the augmented loader a fine-tune runs
         "train": {"epochs": args.epochs, "warmup_epochs": 1, "mixed_precision": args.precision, "max_seconds": 0},
     })
 

@@ -62,6 +62,7 @@ BAD_VALUES = [
     ("train", 5, "'train' is 5; allowed: a mapping of keys"),
     ("plots.num_queries", 50, "'plots.num_queries' is 50; allowed: an integer >= 1 and <= 20"),
     ("data.num_workers", "many", "'data.num_workers' is \"many\"; allowed: an integer >= 0 or \"auto\""),
+    ("data.augment", "sometimes", "'data.augment' is \"sometimes\"; allowed values: \"auto\", true, false"),
     ("data.num_workers", -1, "'data.num_workers' is -1; allowed: an integer >= 0 or \"auto\""),
 ]
 

@@ -114,3 +114,21 @@ def test_bench_quality_end_to_end(tmp_path):
     assert set(rows) == {"raw_pixels", "backbone", "backbone_pca", "seed", "default"}
     assert rows["seed"]["epochs"] == 1 and rows["default"]["epochs"] == 1  # train.max_seconds stopped both
     assert all(0 <= row["map_at_5"] <= 1 for row in rows.values())
+
+
+def test_augment_auto_follows_pretrained():
+    from imgembed.train import resolve_data_cfg
+
+    data = load_config()["data"]
+    assert data["augment"] == "auto"
+    assert resolve_data_cfg(data, {"pretrained": True})["augment"] is True
+    assert resolve_data_cfg(data, {"pretrained": False})["augment"] is False
+    assert resolve_data_cfg({**data, "augment": True}, {"pretrained": False})["augment"] is True
+
+
+def test_transform_refuses_unresolved_augment():
+    from imgembed.data import build_transform
+
+    info = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
+    with pytest.raises(AssertionError, match="resolve data.augment"):
+        build_transform(info, load_config()["data"], training=True)

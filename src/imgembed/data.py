@@ -104,6 +104,8 @@ def build_transform(model_info: dict[str, Any], data_cfg: dict[str, Any], traini
         interpolation=model_info.get("interpolation", "bicubic"),
         crop_pct=1.0,
     )
+    if training:
+        assert data_cfg["augment"] != "auto", "resolve data.augment first (train.resolve_data_cfg)"
     if training and data_cfg["augment"]:
         return create_transform(
             is_training=True,
