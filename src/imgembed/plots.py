@@ -79,7 +79,8 @@ def plot_retrievals(data: dict[str, np.ndarray], data_dir: Path, plots_cfg: dict
     neighbours = leave_one_out_neighbours(embeddings, top_k)
     queries = pick_queries(labels, min(plots_cfg["num_queries"], len(labels)), plots_cfg["seed"])
     cols = 1 + neighbours.shape[1]
-    fig, axes = plt.subplots(len(queries), cols, figsize=(1.8 * cols, 2.0 * len(queries)), squeeze=False)
+    fig, axes = plt.subplots(len(queries), cols, figsize=(1.8 * cols, 2.0 * len(queries)), squeeze=False,
+                             layout="constrained")  # keeps the title close to the first row
     for row, query in enumerate(queries):
         for col, index in enumerate([query, *neighbours[query]]):
             ax = axes[row, col]
@@ -95,7 +96,7 @@ def plot_retrievals(data: dict[str, np.ndarray], data_dir: Path, plots_cfg: dict
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(4)
             ax.set_title(title, fontsize=8, color=colour)
-    fig.suptitle("Queries (left) and their top-5 neighbours: green = same class, red = other class", fontsize=10)
+    fig.suptitle(f"Queries (left) and their top-{cols - 1} neighbours: green = same class, red = other class", fontsize=10)
     save_figure(fig, path)
 
 
