@@ -13,3 +13,19 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 for key, value in {"GIT_AUTHOR_NAME": "imgembed tests", "GIT_AUTHOR_EMAIL": "tests@imgembed.invalid",
                    "GIT_COMMITTER_NAME": "imgembed tests", "GIT_COMMITTER_EMAIL": "tests@imgembed.invalid"}.items():
     os.environ.setdefault(key, value)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state (device, precision); start and leave it empty so
+    tests that create an Accelerator with different settings do not collide."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -168,6 +168,8 @@ def describe_model(net: EmbeddingNet, model_cfg: dict[str, Any], precision: str)
         "weights": model_cfg["weights"],
         "embedding_dim": int(model_cfg["embedding_dim"]),
         "normalized": bool(model_cfg["normalize"]),
+        "head": model_cfg["head"],
+        "head_hidden": [int(v) for v in model_cfg["head_hidden"]] if model_cfg["head"] == "mlp" else [],
         "image_size": int(model_cfg["image_size"]),
         "mean": [float(v) for v in pretrained_cfg.get("mean", (0.485, 0.456, 0.406))],
         "std": [float(v) for v in pretrained_cfg.get("std", (0.229, 0.224, 0.225))],
@@ -176,6 +178,21 @@ def describe_model(net: EmbeddingNet, model_cfg: dict[str, Any], precision: str)
                  "shorter side to image_size and centre-crop",
         "precision": precision,
     }
+
+
+def eager_copy(scripted: nn.Module, info: dict[str, Any]) -> EmbeddingNet:
+    """The exported network rebuilt as timm's eager modules, with the exported file's weights.
+
+    Under bf16 autocast on the CPU the traced graph ran 15-20 % slower than the same network
+    run eagerly (bench/README.md), so the embed stage runs this copy of the shipped weights.
+    """
+    net = create_embedding_net({
+        "backbone": info["backbone"], "pretrained": False, "weights": None,
+        "embedding_dim": info["embedding_dim"], "head": info["head"], "head_hidden": info["head_hidden"],
+        "normalize": info["normalized"], "freeze_backbone": False, "freeze_batchnorm": False,
+    })
+    net.load_state_dict(scripted.state_dict())  # strict: any mismatch is an error, never a silent skip
+    return net.eval()
 
 
 def export_torchscript(net: EmbeddingNet, image_size: int, path: Path) -> None:
