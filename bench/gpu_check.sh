@@ -55,7 +55,7 @@ make_dataset_zip(Path(sys.argv[1]) / "speed.zip", classes=16, per_split={"train"
 PY
 cat > "$WORK/speed.yaml" <<YAML
 model: {backbone: $BACKBONE, pretrained: false, image_size: $SIZE}
-data: {classes_per_batch: $P, samples_per_class: $((BATCH / P)), num_workers: 8}
+data: {classes_per_batch: $P, samples_per_class: $((BATCH / P)), num_workers: auto, augment: true}
 train: {epochs: 2, warmup_epochs: 0, mixed_precision: $PREC, accelerate: $ACC}
 YAML
 python -m imgembed unpack "$WORK/speed.zip" -o "$WORK/speed" --configfile config/config.yaml "$WORK/speed.yaml"

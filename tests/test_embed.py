@@ -79,3 +79,26 @@ def test_eager_copy_is_used_and_old_model_json_falls_back(tmp_path: Path) -> Non
     write_json(model_dir / "model.json", info)
     net, _ = load_embedding_net(model_dir)
     assert isinstance(net, torch.jit.ScriptModule)
+
+
+def test_channels_last_only_on_cuda_and_never_in_the_exported_file(tmp_path: Path) -> None:
+    from imgembed.model import prefer_channels_last
+
+    net = create_embedding_net(MODEL_CFG).eval()
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    prefer_channels_last(net, torch.device("cpu"))
+    assert all(w.is_contiguous() for w in convs)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = net(images)
+    prefer_channels_last(net, torch.device("cuda"))  # only the layout changes; no GPU needed for that
+    convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert any(not w.is_contiguous() for w in convs)  # 1x1 and depthwise kernels look contiguous either way
+    with torch.no_grad():
+        torch.testing.assert_close(net(images), before, atol=1e-5, rtol=1e-5)
+    export_torchscript(net, 32, tmp_path / "net.pt")
+    scripted = torch.jit.load(str(tmp_path / "net.pt"))
+    assert all(t.is_contiguous() for t in scripted.state_dict().values())
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(images), before, atol=1e-5, rtol=1e-5)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from imgembed.data import ImageDataset, build_transform, load_split, resolve_num_workers
 from imgembed.errors import UserError
 from imgembed.files import atomic_path
-from imgembed.model import eager_copy, embed_batches
+from imgembed.model import eager_copy, embed_batches, prefer_channels_last
 
 log = logging.getLogger("imgembed")
 
@@ -71,6 +71,8 @@ def embed_split(data_dir: Path, model_dir: Path, output: Path, cfg: dict[str, An
                         pin_memory=accelerator.device.type == "cuda")
     loader = accelerator.prepare(loader)
     net = net.to(accelerator.device)
+    if not isinstance(net, torch.jit.ScriptModule):
+        net = prefer_channels_last(net, accelerator.device)
     started = time.perf_counter()
     embeddings, labels = embed_batches(net, loader, accelerator, desc=f"embed {split}")
     elapsed = time.perf_counter() - started

@@ -32,7 +32,8 @@ from imgembed.export import export_for_config, require_onnx
 from imgembed.files import atomic_path, write_json
 from imgembed.metrics import evaluate_embeddings
 from imgembed.mining import random_triplets
-from imgembed.model import EmbeddingNet, create_embedding_net, describe_model, embed_batches, export_torchscript
+from imgembed.model import (EmbeddingNet, create_embedding_net, describe_model, embed_batches, export_torchscript,
+                            prefer_channels_last)
 
 log = logging.getLogger("imgembed")
 
@@ -239,7 +240,7 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
     set_seed(train_cfg["seed"])
 
     train_split, val_split = load_split(data_dir, "train"), load_split(data_dir, "val")
-    net = create_embedding_net(model_cfg)
+    net = prefer_channels_last(create_embedding_net(model_cfg), accelerator.device)
     info = describe_model(net, model_cfg, precision)
     use_feature_cache = model_cfg["freeze_backbone"] and not data_cfg["augment"]
     batch_size = data_cfg["classes_per_batch"] * data_cfg["samples_per_class"]
