@@ -102,3 +102,12 @@ def test_channels_last_only_on_cuda_and_never_in_the_exported_file(tmp_path: Pat
     assert all(t.is_contiguous() for t in scripted.state_dict().values())
     with torch.no_grad():
         torch.testing.assert_close(scripted(images), before, atol=1e-5, rtol=1e-5)
+
+
+def test_weights_that_do_not_fit_timm_fall_back_to_the_torchscript_file(tmp_path: Path, caplog) -> None:
+    model_dir = export(tmp_path / "model", "no")
+    info = json.loads((model_dir / "model.json").read_text())
+    write_json(model_dir / "model.json", {**info, "embedding_dim": 9})  # as if timm's modules had changed
+    net, _ = load_embedding_net(model_dir)
+    assert isinstance(net, torch.jit.ScriptModule)
+    assert "running the TorchScript file itself" in caplog.text

@@ -45,7 +45,12 @@ def load_embedding_net(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]
     scripted, info = load_exported_model(model_dir)
     if "head" not in info:
         return scripted, info
-    return eager_copy(scripted, info), info
+    try:
+        return eager_copy(scripted, info), info
+    except (RuntimeError, KeyError, ValueError) as err:  # e.g. a timm version whose modules differ
+        log.warning("%s: running the TorchScript file itself (its weights do not fit timm's %s here: %s)",
+                    model_dir, info["backbone"], str(err).splitlines()[0][:200])
+        return scripted, info
 
 
 def write_embeddings(path: Path, embeddings: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str]) -> None:
