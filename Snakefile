@@ -1,4 +1,4 @@
-# imgembed: unpack -> train -> embed -> evaluate -> plot, for every dataset in config["datasets"].
+# imgembed: unpack -> train -> embed -> evaluate (beside the untrained baseline) -> plot, for every dataset in config["datasets"].
 # Every rule runs one `python -m imgembed <stage>` command; dvc.yaml runs the same commands.
 import sys
 
@@ -26,6 +26,7 @@ container: "docker://ghcr.io/imgembed/imgembed:0.1.0"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/unpack.smk"
+include: "workflow/rules/baseline.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/evaluate.smk"

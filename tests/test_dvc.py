@@ -23,7 +23,7 @@ from helpers import ROOT, copy_clone, make_dataset_zip
 
 METRIC_KEYS = ("precision_at_1", "map_at_5", "map_at_r", "recall_at_1", "recall_at_5", "recall_at_10")
 LIVE_METRICS = ("train/loss", "val/loss", "val/precision_at_1", "val/map_at_5", "train/lr")
-PIPELINE = ("unpack", "train", "embed", "evaluate", "plot")
+PIPELINE = ("unpack", "baseline", "train", "embed", "evaluate", "plot")
 IMPORT_FILE = "data/baseline_split.zip.dvc"
 
 
@@ -128,6 +128,8 @@ def check_outputs(project: Path, env: dict[str, str], shape: dict) -> None:
     for key in METRIC_KEYS:
         assert 0.0 <= metrics[key] <= 1.0, key
     assert json.loads((project / "reports/tiny/per_class.json").read_text())
+    comparison = json.loads((project / "reports/tiny/baseline_comparison.json").read_text())
+    assert list(comparison) == ["trained", "raw_pixels", "backbone", "backbone_pca"]
     for name in ("embedding.png", "retrievals.png"):
         png = (project / "reports/tiny/plots" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000, name
@@ -189,9 +191,11 @@ def test_dvc_repro_and_experiment(tmp_path):
     assert not run(project, env, "git", "status", "--porcelain").strip()  # outputs are ignored or committed
     untouched = {p: (project / p).stat().st_mtime_ns for p in ("data/sample.zip", "data/tiny/manifest.json")}
 
-    # One training setting changed: train and everything after it reruns, sample and unpack don't.
+    # One training setting changed: train and everything after it reruns; sample, unpack and
+    # the untrained baseline (which reads only train.seed and train.mixed_precision) don't.
+    untouched["reports/tiny/baseline.json"] = (project / "reports/tiny/baseline.json").stat().st_mtime_ns
     exp = run(project, env, "dvc", "exp", "run", "-S", "config/config.yaml:train.lr=0.002", "dvc.yaml")
-    assert ran_stages(exp) == {f"{name}@tiny" for name in PIPELINE[1:]}
+    assert ran_stages(exp) == {f"{name}@tiny" for name in ("train", "embed", "evaluate", "plot")}
     assert {p: (project / p).stat().st_mtime_ns for p in untouched} == untouched
     assert (project / "dvc.yaml").read_bytes() == dvc_yaml
     assert len(run(project, env, "dvc", "exp", "list", "--name-only").split()) == 1  # just this one

@@ -33,10 +33,18 @@ from snakemake.api import SnakemakeApi
 from snakemake.io import is_flagged
 from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, ResourceSettings
 
+def lookup(config, key):  # config["train"]["seed"] for "train.seed": a rule may pass single settings
+    value = config
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return KeyError
+        value = value[part]
+    return value
+
 def sections(settings, config):
     if settings is None:
         return []
-    if isinstance(settings, dict) and settings and all(k in config and config[k] == v for k, v in settings.items()):
+    if isinstance(settings, dict) and settings and all(lookup(config, k) == v for k, v in settings.items()):
         return sorted(settings)
     found = [k for k, v in config.items() if v == settings]
     assert len(found) == 1, f"cannot tell which config section params.settings is: {settings!r}"
@@ -92,7 +100,7 @@ def dvc_view(project: Path) -> dict[str, dict]:
                 "cmd": stage.cmd,
                 "deps": sorted(d.def_path for d in deps if not d.def_path.startswith("src/")),
                 "code": sorted(d.def_path for d in deps if d.def_path.startswith("src/")),
-                "params": {d.def_path: sorted({p.split(".")[0] for p in d.params})
+                "params": {d.def_path: sorted(d.params)
                            for d in stage.deps if isinstance(d, ParamsDependency)},
                 "outs": sorted(o.def_path for o in stage.outs),
             }

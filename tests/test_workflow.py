@@ -61,6 +61,11 @@ def check_outputs(project: Path, dataset: str, classes: int, test_images: int, e
         assert 0.0 <= metrics[key] <= 1.0, key
     per_class = json.loads((project / f"reports/{dataset}/per_class.json").read_text())
     assert set(per_class) == set(str(n) for n in names)
+    # The untrained rows beside the trained model, so the report shows whether training helped.
+    comparison = json.loads((project / f"reports/{dataset}/baseline_comparison.json").read_text())
+    assert list(comparison) == ["trained", "raw_pixels", "backbone", "backbone_pca"]
+    assert comparison["trained"]["map_at_5"] == metrics["map_at_5"]
+    assert all(0.0 <= row[key] <= 1.0 for row in comparison.values() for key in ("precision_at_1", "map_at_5", "map_at_r"))
 
     live = project / f"reports/{dataset}/train"
     for name in ("train/loss", "val/loss", "val/precision_at_1", "val/map_at_5", "train/lr"):
@@ -69,7 +74,7 @@ def check_outputs(project: Path, dataset: str, classes: int, test_images: int, e
     for name in ("embedding.png", "retrievals.png"):
         png = project / f"reports/{dataset}/plots/{name}"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for rule in ("unpack", "train", "embed", "evaluate", "plot"):
+    for rule in ("unpack", "baseline", "train", "embed", "evaluate", "plot"):
         assert (project / f"logs/{rule}/{dataset}.log").stat().st_size > 0, rule
     return metrics
 

@@ -1,9 +1,11 @@
 rule evaluate:
     input:
-        "embeddings/{dataset}/test.npz",
+        embeddings="embeddings/{dataset}/test.npz",
+        baseline="reports/{dataset}/baseline.json",
     output:
         metrics="reports/{dataset}/metrics.json",
         per_class="reports/{dataset}/per_class.json",
+        comparison="reports/{dataset}/baseline_comparison.json",
     params:
         configfiles=CONFIGFILES,
         report_dir="reports/{dataset}",
@@ -16,4 +18,5 @@ rule evaluate:
     conda:
         ENV
     shell:
-        "python -m imgembed evaluate {input} -o {params.report_dir} --configfile {params.configfiles} --log {log}"
+        "python -m imgembed evaluate {input.embeddings} --baseline {input.baseline} -o {params.report_dir} "
+        "--configfile {params.configfiles} --log {log}"
