@@ -214,3 +214,11 @@ def test_only_config_yaml_holds_params():
     assert not (ROOT / "params.yaml").exists()
     dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     assert dvc_yaml["vars"] == [CONFIG]
+
+
+def test_snakemake_lint_finds_nothing(tmp_path):
+    project = copy_project(tmp_path / "project")
+    result = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=project, capture_output=True,
+                            text=True, timeout=300)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "Lints for" not in out and "Congratulations" in out, out[-3000:]

@@ -8,7 +8,7 @@ rule evaluate:
         comparison="reports/{dataset}/baseline_comparison.json",
     params:
         configfiles=CONFIGFILES,
-        report_dir="reports/{dataset}",
+        report_dir=lambda wildcards, output: Path(output.metrics).parent,
         settings=config["evaluate"],
     log:
         "logs/evaluate/{dataset}.log",
