@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -104,3 +105,17 @@ def test_num_workers_auto_is_none_on_the_cpu_and_several_on_a_gpu(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert resolve_num_workers("auto", torch.device("cuda")) == 8
     assert resolve_num_workers("auto", torch.device("cuda"), processes=4) == 3
+
+
+def test_cpu_threads_follow_the_callers_budget_not_accelerates_default():
+    from imgembed.train import cpu_threads
+
+    # Snakemake sets MKL_NUM_THREADS (and OMP_NUM_THREADS, which accelerate launch overwrites).
+    assert cpu_threads(1, {"MKL_NUM_THREADS": "3", "OMP_NUM_THREADS": "1"}) == 3
+    assert cpu_threads(2, {"MKL_NUM_THREADS": "6"}) == 3
+    assert cpu_threads(4, {"MKL_NUM_THREADS": "2"}) == 1
+    # `dvc repro` sets nothing: every core this process may use, shared among the processes.
+    available = len(os.sched_getaffinity(0))
+    assert cpu_threads(1, {"OMP_NUM_THREADS": "1"}) == available
+    assert cpu_threads(1, {"MKL_NUM_THREADS": "zero"}) == available
+    assert cpu_threads(available * 2, {}) == 1
