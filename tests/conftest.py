@@ -20,12 +20,9 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """accelerate keeps one process-wide state (device, precision); start and leave it empty so
-    tests that create an Accelerator with different settings do not collide."""
-    from accelerate.state import AcceleratorState, GradientState
+    """Tests that create Accelerators in this process start and leave accelerate's state empty."""
+    from helpers import reset_accelerate_state
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()

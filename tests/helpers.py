@@ -90,3 +90,12 @@ def copy_clone(target: Path, dataset: str = "tiny") -> dict:
     config = merge(yaml.safe_load((project / "config" / "config.yaml").read_text()), {**tiny, "datasets": [dataset]})
     (project / "config" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return config
+
+
+def reset_accelerate_state() -> None:
+    """accelerate keeps one process-wide state (device, precision); empty it so a test can create
+    an Accelerator with other settings than the previous test's."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

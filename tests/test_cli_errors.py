@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ROOT, TINY_CONFIG, make_dataset_zip
+from helpers import ROOT, TINY_CONFIG, make_dataset_zip, reset_accelerate_state
 
 from imgembed.cli import main
 from imgembed.embed import write_embeddings
@@ -31,10 +31,7 @@ def restore_logging():
     saved = (logger.handlers[:], logger.level, logger.propagate)
     yield
     logger.handlers[:], logger.level, logger.propagate = saved
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture(scope="module")

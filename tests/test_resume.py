@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ROOT, TINY_CONFIG, copy_project, make_dataset_zip
+from helpers import ROOT, TINY_CONFIG, copy_project, make_dataset_zip, reset_accelerate_state
 
 from imgembed import files as files_module
 from imgembed import train as train_module
@@ -54,16 +54,8 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """In-process training and embedding create Accelerators; start and end each test clean."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+# In-process training and embedding create Accelerators; start and end each test clean.
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def tiny_dataset(folder: Path, classes: int = 4, train: int = 12) -> Path:
@@ -195,10 +187,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path: Path,
     assert torch.isfinite(out).all()
     # And the full checkpoint resumes: without the fault, training finishes from epoch 1.
     monkeypatch.setattr(train_module, "run_epoch", original)
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     state = train_module.train_model(data, model_dir, tmp_path / "live", cfg)
     assert state["epoch"] == 3 and [r["epoch"] for r in state["history"]] == [1, 2, 3]
     assert (model_dir / "embedding_net.pt").is_file()
