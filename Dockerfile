@@ -2,17 +2,21 @@
 #
 # Build:
 #   docker build -t imgembed .
-# Run the whole workflow on all GPUs, keeping inputs and results on the host:
-#   docker run --rm --gpus all --ipc=host \
+# Run the whole workflow on all GPUs as yourself, keeping inputs and results on
+# the host (folders made first, so that they are yours and not the daemon's root's):
+#   mkdir -p data reports
+#   docker run --rm --gpus all --ipc=host --user "$(id -u):$(id -g)" \
 #     -v "$PWD/data:/workspace/data" -v "$PWD/reports:/workspace/reports" imgembed
 # Arguments after the image name go to snakemake, e.g. a dry run or one target:
 #   docker run --rm imgembed -n
 #   docker run --rm --gpus all --ipc=host -v "$PWD/data:/workspace/data" imgembed --cores 4 train
+# Check the GPUs, versions and precision first:  docker run --rm --gpus all imgembed doctor
 # Mount models/, embeddings/ and logs/ the same way to keep those too, and
 # /var/cache/imgembed to keep downloaded pretrained weights between runs.
 # A shell instead of snakemake:  docker run --rm -it --entrypoint bash imgembed
-# The container runs as uid 1000; to write mounts as another user add
-# --user "$(id -u):$(id -g)" (the work folders and caches accept any uid).
+# Without --user the container runs as uid 1000; the work folders and caches
+# accept any uid, and the entrypoint stops at once, naming the folder, when a
+# mounted one is not writable.
 #
 # The base is an official PyTorch CUDA + cuDNN runtime image, pinned by tag (pin
 # a digest too, pytorch/pytorch:TAG@sha256:..., for byte-for-byte rebuilds). Any
@@ -62,11 +66,12 @@ ENV PIP_CONSTRAINT=/etc/pip-torch-constraints.txt
 
 # Dependencies first, read from pyproject.toml alone, so that editing the code
 # or the workflow does not reinstall them. The `workflow` extra brings snakemake
-# and dvc.
-COPY pyproject.toml ./
+# and dvc. Their versions are pinned by requirements.lock (made by .ci/lock with
+# pip-tools, the same pins CI uses); torch and its CUDA wheels are not in it.
+COPY pyproject.toml requirements.lock ./
 # (tomllib is Python >= 3.11; on 3.10 pip's own copy of tomli reads the file.)
 RUN python -c 'import importlib, sys; toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "pip._vendor.tomli"); p = toml.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["workflow"]))' > /tmp/requirements.txt \
- && python -m pip install --no-cache-dir -r /tmp/requirements.txt \
+ && python -m pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 # The package itself, not editable. (src/ stays in the image all the same: the

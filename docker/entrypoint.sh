@@ -13,6 +13,16 @@
 # default ("all" = every CPU snakemake sees); IMGEMBED_CORES= (empty) adds
 # nothing, e.g. to let a --profile decide.
 # For a shell instead: docker run -it --entrypoint bash IMAGE
+#
+# Two first arguments run imgembed itself instead of the workflow:
+#   docker run IMAGE doctor [--configfile ...]   ->  imgembed doctor (versions, GPUs, precision)
+#   docker run IMAGE imgembed ARGS               ->  imgembed ARGS, e.g. `imgembed --version`
+#
+# Before snakemake starts, every work folder in /workspace (mounted from the host
+# or not) must be writable by the container's user: otherwise it stops at once
+# with one line naming the folder and the fix, instead of a traceback from deep
+# inside a rule (a folder the Docker daemon created for a missing bind mount is
+# owned by root; one owned by another host user is not writable by this uid).
 set -eu
 
 # Under `docker run --user UID:GID` with a uid the image has no passwd entry
@@ -24,6 +34,18 @@ fi
 if [ ! -w "${HOME:-/}" ]; then
     export HOME=/tmp
 fi
+
+case "${1-}" in
+    doctor) exec python -m imgembed "$@" ;;
+    imgembed) shift; exec python -m imgembed "$@" ;;
+esac
+
+for folder in data models embeddings reports logs .snakemake; do
+    if [ -e "$folder" ] && { [ ! -d "$folder" ] || [ ! -w "$folder" ] || [ ! -x "$folder" ]; }; then
+        echo "imgembed: $PWD/$folder is not writable by uid $(id -u) (gid $(id -g)): create the host folder as yourself first (mkdir -p data reports models embeddings logs) and run docker with --user \"\$(id -u):\$(id -g)\"" >&2
+        exit 1
+    fi
+done
 
 has_cores=0
 for arg in "$@"; do

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from imgembed import __version__
 from imgembed.config import DEFAULT_CONFIG, ConfigError, load_config
 from imgembed.errors import UserError
 
@@ -79,8 +80,19 @@ def _index(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
                 workers=args.workers, skip_unreadable=args.skip_unreadable)
 
 
+def _doctor(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from imgembed.doctor import run_doctor
+
+    problems = run_doctor(cfg)
+    for problem in problems:
+        log.error("%s", problem)
+    if problems:
+        raise UserError(f"doctor found {len(problems)} problem(s), listed above")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imgembed", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"imgembed {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--configfile", nargs="+", type=Path, default=[DEFAULT_CONFIG], metavar="YAML",
                         help="config files merged in order, like snakemake --configfile (default: %(default)s)")
@@ -143,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p)
     p.add_argument("-o", "--output", type=Path, required=True, help="index file to write, e.g. index.npz")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding worker processes (default: %(default)s)")
+    stage("doctor", _doctor, "check this machine or container before a run: versions, GPUs, the accelerate "
+          "config and precision the config would use, writable work folders; non-zero exit on a problem")
     return parser
 
 

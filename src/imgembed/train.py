@@ -219,12 +219,20 @@ def cpu_threads(processes: int, environ: dict[str, str] | None = None) -> int:
     return max(1, cores // max(1, processes))
 
 
-def effective_precision(accelerator: Accelerator, requested: str) -> str:
-    """What really runs: accelerate quietly runs fp16 as fp32 on the CPU."""
-    if requested == "fp16" and accelerator.device.type == "cpu":
-        log.warning("train.mixed_precision=fp16 is not supported on the CPU: running in fp32; use bf16 for real mixed precision")
+def precision_on(device_type: str, requested: str) -> str:
+    """The precision that really runs on a device type ("cpu", "cuda"): accelerate quietly runs
+    fp16 as fp32 on the CPU. (Also used by `imgembed doctor` to say what a run would use.)"""
+    if requested == "fp16" and device_type == "cpu":
         return "no"
     return requested
+
+
+def effective_precision(accelerator: Accelerator, requested: str) -> str:
+    """What really runs, with a warning when it is not what the config asked for."""
+    precision = precision_on(accelerator.device.type, requested)
+    if precision != requested:
+        log.warning("train.mixed_precision=fp16 is not supported on the CPU: running in fp32; use bf16 for real mixed precision")
+    return precision
 
 
 def resolve_model_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build a local stand-in for the official PyTorch CUDA runtime image, so the
-# project's Dockerfile can be built and run on a machine that can reach only
-# PyPI and the Debian mirror (no Docker Hub, no Docker engine).
+# Build a local stand-in for the official PyTorch CUDA runtime image in a Docker
+# engine, so the project's Dockerfile can be built and run on a machine that can
+# reach only PyPI and the Debian mirror (no Docker Hub).
 #
 # The stand-in mimics what the Dockerfile relies on in pytorch/pytorch:*-runtime:
 #   * a Python on PATH at /opt/conda/bin with pip, running as root;
@@ -14,16 +14,16 @@
 # the image and named in PIP_CERT / SSL_CERT_FILE / REQUESTS_CA_BUNDLE. (A real
 # machine behind such a proxy would have to do the same for the real base.)
 # It is a minbase Debian 12 (bookworm) root file system from debootstrap,
-# imported into buildah's local storage as $BASE_IMAGE.
+# imported into the running Docker daemon with `docker import` as $BASE_IMAGE.
 #
 # Idempotent: exits at once when $BASE_IMAGE already exists (FORCE=1 rebuilds),
 # and reuses an already bootstrapped root file system and downloaded wheels.
-# Needs root, buildah and debootstrap:
-#   apt-get update && apt-get install -y buildah debootstrap
-#   printf '[containers]\ndefault_ulimits = []\n' > /etc/containers/containers.conf
+# Needs root, debootstrap and a running Docker daemon:
+#   apt-get update && apt-get install -y docker.io debootstrap
+#   dockerd --iptables=false --ip6tables=false --bridge=none > /tmp/dockerd.log 2>&1 &
 set -euo pipefail
 
-BASE_IMAGE=${BASE_IMAGE:-localhost/imgembed-base:test}
+BASE_IMAGE=${BASE_IMAGE:-imgembed-base:test}
 WORK=${WORK:-/var/tmp/imgembed-container}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 TORCH_VERSION=${TORCH_VERSION:-2.14.1}
@@ -40,7 +40,7 @@ step() {  # step NAME CMD... : run and time one step
   log "done:  $name ($((SECONDS - t0)) s)"
 }
 
-if [[ ${FORCE:-0} != 1 ]] && buildah inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
+if [[ ${FORCE:-0} != 1 ]] && docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
   log "$BASE_IMAGE already exists; nothing to do (FORCE=1 rebuilds it)"
   exit 0
 fi
@@ -82,28 +82,21 @@ install_torch() {
 }
 
 import_image() {
-  local ctr mnt
-  ctr=$(buildah from scratch)
-  mnt=$(buildah mount "$ctr")
-  tar -C "$ROOTFS" --exclude=./.bootstrap-done -cf - . | tar -C "$mnt" -xpf -
-  cp "$HOST_CA_BUNDLE" "$mnt/etc/ssl/certs/host-ca-bundle.crt"
-  buildah umount "$ctr" >/dev/null
-  buildah config \
-    --env PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt \
-    --env SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt \
-    --env REQUESTS_CA_BUNDLE=/etc/ssl/certs/host-ca-bundle.crt \
-    --env PATH=/opt/conda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    --env LANG=C.UTF-8 \
-    --workingdir /workspace \
-    --cmd /bin/bash \
-    --label org.opencontainers.image.description="Local stand-in for pytorch/pytorch runtime (Debian 12, torch $TORCH_VERSION)" \
-    "$ctr"
-  buildah commit --rm "$ctr" "$BASE_IMAGE"
+  cp "$HOST_CA_BUNDLE" "$ROOTFS/etc/ssl/certs/host-ca-bundle.crt"
+  tar -C "$ROOTFS" --exclude=./.bootstrap-done -cf - . | docker import \
+    --change 'ENV PIP_CERT=/etc/ssl/certs/host-ca-bundle.crt' \
+    --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/host-ca-bundle.crt' \
+    --change 'ENV REQUESTS_CA_BUNDLE=/etc/ssl/certs/host-ca-bundle.crt' \
+    --change 'ENV PATH=/opt/conda/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'ENV LANG=C.UTF-8' \
+    --change 'WORKDIR /workspace' \
+    --change 'CMD ["/bin/bash"]' \
+    --change "LABEL org.opencontainers.image.description=\"Local stand-in for pytorch/pytorch runtime (Debian 12, torch $TORCH_VERSION)\"" \
+    - "$BASE_IMAGE"
 }
 
 step debootstrap bootstrap
 step "pip download torch/torchvision wheels" download_wheels
 step "install torch into /opt/conda" install_torch
 step "import as $BASE_IMAGE" import_image
-buildah rmi --prune >/dev/null 2>&1 || true   # layers of a replaced base image
-buildah images "$BASE_IMAGE"
+docker image ls "$BASE_IMAGE"
