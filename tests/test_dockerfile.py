@@ -1,7 +1,7 @@
 """Static checks of the container build: Dockerfile, .dockerignore and entrypoint.
 
 No container engine is needed. The real build and an in-container run of the
-sample workflow are scripted in tests/container/build_and_run.sh (buildah).
+README's Docker commands are run by tests/container/build_and_run.sh (a Docker daemon).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,62 @@ def test_entrypoint_cores_default_can_be_changed(stub_path):
         capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
     assert run("4") == ["--cores", "4", "-n"]
     assert run("") == ["-n"]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["doctor"], ["-m", "imgembed", "doctor"]),
+    (["doctor", "--configfile", "a.yaml"], ["-m", "imgembed", "doctor", "--configfile", "a.yaml"]),
+    (["imgembed", "--version"], ["-m", "imgembed", "--version"]),
+])
+def test_entrypoint_runs_imgembed_commands(tmp_path, args, expected):
+    """`docker run IMAGE doctor` and `docker run IMAGE imgembed ARGS` run imgembed, not snakemake."""
+    for name in ("python", "snakemake"):
+        stub = tmp_path / name
+        stub.write_text(f'#!/bin/sh\necho {name}\nprintf "%s\\n" "$@"\n')
+        stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(["sh", str(ENTRYPOINT), *args], env=env, capture_output=True, text=True,
+                            timeout=30, check=True)
+    assert result.stdout.splitlines() == ["python", *expected]
+
+
+def test_entrypoint_stops_with_one_line_on_an_unwritable_work_folder(stub_path):
+    """A mounted folder the container's user cannot write (e.g. one the Docker daemon made for a
+    missing bind mount, owned by root): one line naming it and the fix, exit 1, snakemake not run."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)
+        (work / "data").mkdir()
+        (work / "reports").mkdir(mode=0o555)
+        command = ["sh", str(ENTRYPOINT)]
+        uid = os.getuid()
+        if os.geteuid() == 0:  # root writes anywhere: run as another user, as the container would
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root and setpriv (util-linux) is missing to drop to another uid")
+            uid = 4242
+            (work / "data").chmod(0o777)
+            command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *command]
+        result = subprocess.run(command, cwd=work, env={**stub_path, "HOME": "/tmp"}, capture_output=True,
+                                text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stdout == ""  # the stub snakemake never ran
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"imgembed: {work}/reports is not writable by uid {uid}")
+    assert "mkdir -p data reports" in lines[0] and '--user "$(id -u):$(id -g)"' in lines[0]
+
+
+def _readme_docker_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Docker\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_docker_commands_run_as_the_caller_in_folders_made_first():
+    block = _readme_docker_block()
+    assert block.startswith("mkdir -p data reports\n")
+    assert "docker build -t imgembed ." in block
+    run = block.split("docker run", 1)[1]
+    assert '--user "$(id -u):$(id -g)"' in run
+    for folder in re.findall(r'-v "\$PWD/(\w+):/workspace/\w+"', run):
+        assert folder in ("data", "reports"), f"{folder} is mounted but not made by mkdir -p first"

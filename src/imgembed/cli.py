@@ -88,6 +88,7 @@ def _doctor(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
         log.error("%s", problem)
     if problems:
         raise UserError(f"doctor found {len(problems)} problem(s), listed above")
+    log.info("no problems found")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,162 +1,130 @@
 #!/usr/bin/env bash
-# Build the project's Dockerfile with buildah (no Docker engine needed) on a
-# local stand-in of the PyTorch base image, then run the sample workflow inside
-# the built image with a tiny configuration, the way
-#   docker run --ipc=host -v "$PWD/data:/workspace/data" -v "$PWD/reports:/workspace/reports" IMAGE ARGS
-# would, and check what it wrote. Every step is timed.
+# Run the README's Docker commands as a new user would: on a fresh clone, with a real Docker
+# daemon, for a host user that is root, uid 1000 and another uid, and check that the outputs
+# appear on the host and that this user can read, overwrite and delete them.
 #
-# Usage (as root, from anywhere):  bash tests/container/build_and_run.sh [EXTRA SNAKEMAKE ARGS]
-# Environment:
-#   WORK        scratch folder (default /var/tmp/imgembed-container): base root
-#               file system, wheels, run folders, logs
-#   BASE_IMAGE  base image to build on (default localhost/imgembed-base:test,
-#               made by make_base_image.sh when missing)
-#   IMAGE       tag of the built image (default localhost/imgembed:test)
-#   TINY_CONFIG configuration merged over config/config.yaml for the run
-#               (default tests/fixtures/tiny.yaml)
-#   KEEP_RUN=1  keep the previous run's outputs (default: start from empty folders)
-#   CONTEXT     build context (default: the repository this script is in)
-# Idempotent: reuses the base image, buildah's layer cache and installed tools.
+# The commands are read from the ```bash block of the README's "## Docker" section and run as
+# they are, except that (no NVIDIA runtime, no registry, no network here):
+#   docker build  gets  --network host --build-arg BASE_IMAGE=$BASE_IMAGE (the local stand-in
+#                       made by make_base_image.sh: Debian + PyPI torch)
+#   docker run    loses --gpus all and gets --network none
+# and, to keep each run short, `docker run` also mounts tests/fixtures/tiny.yaml and passes
+# `--configfile config/config.yaml tiny.yaml` (FULL=1: also run the exact command once as root,
+# with the default config: several minutes of training).
+# Then, for one non-root uid, a reports/ folder owned by root (what the daemon creates for a
+# missing bind-mount folder) must stop the container at once with one line naming it.
+#
+# Usage (as root, with dockerd running):  bash tests/container/build_and_run.sh
+# Environment: WORK (scratch, default /var/tmp/imgembed-docker), BASE_IMAGE (default
+# imgembed-base:test), UIDS (default "0 1000 4243"), FULL=1.
+# The clone is of this repository's committed HEAD (git clone), as a user would get it.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-WORK=${WORK:-/var/tmp/imgembed-container}
-BASE_IMAGE=${BASE_IMAGE:-localhost/imgembed-base:test}
-IMAGE=${IMAGE:-localhost/imgembed:test}
-TINY_CONFIG=${TINY_CONFIG:-$REPO/tests/fixtures/tiny.yaml}
-CONTEXT=${CONTEXT:-$REPO}
-RUN_DIR=$WORK/run
-LOGS=$WORK/logs
-APP_UID=1000   # the Dockerfile's default runtime user
-mkdir -p "$WORK" "$LOGS"
+WORK=${WORK:-/var/tmp/imgembed-docker}
+BASE_IMAGE=${BASE_IMAGE:-imgembed-base:test}
+UIDS=${UIDS:-0 1000 4243}
+export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}   # the classic builder: no buildx plugin needed
+FAILED=0
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-TIMINGS=()
-step() {  # step NAME CMD... : run and time one step
-  local name=$1 t0=$SECONDS; shift
-  log "start: $name"
-  "$@"
-  TIMINGS+=("$(printf '%5d s  %s' $((SECONDS - t0)) "$name")")
-  log "done:  $name ($((SECONDS - t0)) s)"
+ok() { log "ok:   $*"; }
+fail() { log "FAIL: $*"; FAILED=1; }
+
+docker info --format 'docker {{.ServerVersion}}, storage {{.Driver}}' \
+  || { log "no Docker daemon: start one (dockerd --iptables=false --ip6tables=false --bridge=none &)"; exit 1; }
+docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 || BASE_IMAGE=$BASE_IMAGE bash "$REPO/tests/container/make_base_image.sh"
+
+# The README block, with this machine's substitutions.
+readme_block() {
+  awk '/^## Docker/{s=1; next} s && /^## /{exit} s && /^```bash/{b=1; next} b && /^```/{exit} b' "$REPO/README.md"
+}
+adapt() {  # $1 = tiny|full
+  local tiny='-v "$PWD/tiny.yaml:/workspace/tiny.yaml:ro" imgembed --configfile config/config.yaml tiny.yaml'
+  sed -e "s|docker build |docker build --network host --build-arg BASE_IMAGE=$BASE_IMAGE |" \
+      -e 's|docker run --rm --gpus all |docker run --rm --network none |' \
+      -e 's|--gpus all ||' \
+      | if [[ $1 == tiny ]]; then sed -e "s|\" imgembed\$|\" $tiny|"; else cat; fi
+}
+log "README commands:"; readme_block | sed 's/^/    /' >&2
+[[ $(readme_block | grep -c 'docker run') -ge 1 ]] || { log "no docker run in the README's Docker block"; exit 1; }
+
+as_user() {  # as_user UID DIR CMD : run CMD with bash in DIR as that uid (gid = uid), in the docker group
+  local uid=$1 dir=$2; shift 2
+  if [[ $uid == 0 ]]; then (cd "$dir" && bash -euo pipefail -c "$*"); return; fi
+  setpriv --reuid="$uid" --regid="$uid" --groups="$(getent group docker | cut -d: -f3)" \
+    env HOME="$WORK/home-$uid" USER="u$uid" bash -euo pipefail -c "cd '$dir' && $*"
 }
 
-install_tools() {
-  if ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; then
-    apt-get update
-    DEBIAN_FRONTEND=noninteractive apt-get install -y buildah debootstrap
-  fi
-  # buildah's default nofile/nproc ulimits cannot be set inside this kind of
-  # sandbox; an empty list keeps the caller's.
-  local conf=/etc/containers/containers.conf
-  if ! grep -qs '^default_ulimits *= *\[\]' "$conf"; then
-    mkdir -p /etc/containers
-    if grep -qs '^\[containers\]' "$conf"; then
-      sed -i 's/^\[containers\]/[containers]\ndefault_ulimits = []/' "$conf"
-    else
-      printf '[containers]\ndefault_ulimits = []\n' >> "$conf"
-    fi
-  fi
-  buildah --version
+fresh_clone() {  # fresh_clone UID -> prints the clone's path, owned by UID
+  local uid=$1 dir=$WORK/clone-$uid
+  rm -rf "$dir" "$WORK/home-$uid"
+  git clone --quiet "$REPO" "$dir"
+  cp "$REPO/tests/fixtures/tiny.yaml" "$dir/tiny.yaml"
+  mkdir -p "$WORK/home-$uid"
+  chown -R "$uid:$uid" "$dir" "$WORK/home-$uid"
+  echo "$dir"
 }
 
-base_image() {
-  BASE_IMAGE=$BASE_IMAGE WORK=$WORK bash "$REPO/tests/container/make_base_image.sh"
-}
-
-lint() {
-  local hadolint
-  hadolint=$(command -v hadolint || echo "$REPO/.venv/bin/hadolint")
-  if [[ -x $hadolint ]]; then
-    "$hadolint" "$CONTEXT/Dockerfile" && log "hadolint: no findings"
+check_outputs() {  # check_outputs UID DIR
+  local uid=$1 dir=$2 f
+  for f in data/sample.zip data/sample/manifest.json reports/sample/metrics.json reports/sample/plots/embedding.png; do
+    [[ -s $dir/$f ]] && ok "uid $uid: $f on the host" || fail "uid $uid: $f missing"
+  done
+  local foreign
+  foreign=$(find "$dir/data" "$dir/reports" ! -user "$uid" -printf '%u %p\n' | head -5)
+  [[ -z $foreign ]] && ok "uid $uid: everything under data/ and reports/ is owned by uid $uid" \
+    || fail "uid $uid: not owned by $uid: $foreign"
+  if as_user "$uid" "$dir" 'cat reports/sample/metrics.json > /dev/null && echo "{}" > reports/sample/metrics.json && rm -r data/sample data/sample.zip reports/sample'; then
+    ok "uid $uid: read, overwrote and deleted the outputs as that user"
   else
-    log "hadolint not found; skipped"
+    fail "uid $uid: could not read/overwrite/delete the outputs as that user"
   fi
 }
 
-build() {
-  local revision
-  revision=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-  buildah bud --isolation chroot --layers --force-rm \
-    --build-arg BASE_IMAGE="$BASE_IMAGE" \
-    --build-arg REVISION="$revision" \
-    --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
-    --format docker `# OCI format would drop SHELL (bash -o pipefail)` \
-    -t "$IMAGE" -f "$CONTEXT/Dockerfile" "$CONTEXT" 2>&1 | tee "$LOGS/build.log"
-}
+mkdir -p "$WORK"
+for uid in $UIDS; do
+  log "===== host user uid $uid: fresh clone, README commands (tiny config)"
+  dir=$(fresh_clone "$uid")
+  t0=$SECONDS
+  if as_user "$uid" "$dir" "$(readme_block | adapt tiny)" > "$WORK/run-$uid.log" 2>&1; then
+    ok "uid $uid: README commands exited 0 ($((SECONDS - t0)) s)"
+  else
+    fail "uid $uid: README commands failed ($((SECONDS - t0)) s); last lines:"; tail -n 15 "$WORK/run-$uid.log" >&2
+  fi
+  check_outputs "$uid" "$dir"
+done
 
-inspect() {
-  buildah inspect --type image --format \
-'user={{.OCIv1.Config.User}} workdir={{.OCIv1.Config.WorkingDir}}
-entrypoint={{.OCIv1.Config.Entrypoint}} cmd={{.OCIv1.Config.Cmd}}
-env={{.OCIv1.Config.Env}}
-labels={{.OCIv1.Config.Labels}}' "$IMAGE"
-  echo
-  buildah images "$BASE_IMAGE"
-  buildah images "$IMAGE" | tail -n +2
-}
+nonroot=$(for uid in $UIDS; do [[ $uid != 0 ]] && echo "$uid"; done | tail -n 1)
+if [[ -n $nonroot ]]; then
+  log "===== uid $nonroot with a reports/ folder owned by root (as the daemon makes a missing one)"
+  dir=$WORK/clone-$nonroot
+  rm -rf "$dir/reports"; mkdir "$dir/reports"   # as root
+  set +e
+  as_user "$nonroot" "$dir" "$(readme_block | grep -v '^mkdir' | adapt tiny)" > "$WORK/unwritable.log" 2>&1
+  rc=$?
+  set -e
+  last=$(tail -n 1 "$WORK/unwritable.log")
+  log "exit $rc, last line: $last"
+  [[ $rc -ne 0 && $last == "imgembed: /workspace/reports is not writable by uid $nonroot"* ]] \
+    && ! grep -q Traceback "$WORK/unwritable.log" \
+    && ok "unwritable mount: one line naming /workspace/reports and the fix, exit $rc" || fail "unwritable mount: see $WORK/unwritable.log"
+fi
 
-CTR=
-cleanup() { if [[ -n $CTR ]]; then buildah rm "$CTR" >/dev/null 2>&1 || true; fi; }
-trap cleanup EXIT
+log "===== doctor and --version in the image"
+docker run --rm --network none imgembed doctor && ok "doctor exit 0 (train.accelerate: auto, no GPU)" || fail "doctor"
+docker run --rm --network none --user 4243:4243 imgembed imgembed --version || fail "--version"
 
-in_container() {  # in_container CMD... : run in a fresh container of $IMAGE, as its USER
-  buildah run --isolation chroot \
-    -v "$RUN_DIR/data:/workspace/data" \
-    -v "$RUN_DIR/reports:/workspace/reports" \
-    -v "$RUN_DIR/models:/workspace/models" \
-    -v "$RUN_DIR/embeddings:/workspace/embeddings" \
-    -v "$RUN_DIR/logs:/workspace/logs" \
-    -v "$RUN_DIR/tiny.yaml:/workspace/tiny.yaml:ro" \
-    "$CTR" -- "$@"
-}
+if [[ ${FULL:-0} == 1 ]]; then
+  log "===== root: the exact README commands, default config"
+  dir=$(fresh_clone 0)
+  t0=$SECONDS
+  if as_user 0 "$dir" "$(readme_block | adapt full)" > "$WORK/full-0.log" 2>&1; then
+    ok "root, default config: exited 0 ($((SECONDS - t0)) s)"; cat "$dir/reports/sample/metrics.json" >&2; echo >&2
+  else
+    fail "root, default config ($((SECONDS - t0)) s)"; tail -n 15 "$WORK/full-0.log" >&2
+  fi
+  check_outputs 0 "$dir"
+fi
 
-prepare_run() {
-  if [[ ${KEEP_RUN:-0} != 1 ]]; then rm -rf "$RUN_DIR"; fi
-  mkdir -p "$RUN_DIR"/{data,reports,models,embeddings,logs}
-  cp "$TINY_CONFIG" "$RUN_DIR/tiny.yaml"
-  chown -R "$APP_UID:$APP_UID" "$RUN_DIR"   # as a host user with uid 1000 would own them
-  cleanup
-  CTR=$(buildah from --pull-never "$IMAGE")
-  in_container sh -c 'id; pwd; python -c "import torch, imgembed; print(\"torch\", torch.__version__, \"cuda available:\", torch.cuda.is_available())"'
-}
-
-sample_run() {
-  # What the image's entrypoint does for `docker run IMAGE ARGS`.
-  in_container /usr/local/bin/imgembed-entrypoint \
-    --configfile config/config.yaml tiny.yaml "$@" 2>&1 | tee "$LOGS/sample_run.log"
-}
-
-other_invocations() {
-  # `docker run IMAGE -n`: the entrypoint adds --cores all; the default config's plan.
-  in_container /usr/local/bin/imgembed-entrypoint -n 2>&1 | tail -n 12
-  # `docker run --user 4242:4242 IMAGE -n ...`: a uid without a passwd entry, in a
-  # fresh container without mounts, must still find writable caches and /workspace.
-  local ctr2
-  ctr2=$(buildah from --pull-never "$IMAGE")
-  buildah run --isolation chroot --user 4242:4242 "$ctr2" -- sh -c '
-    id && python -c "import matplotlib.pyplot, timm, accelerate, imgembed; print(\"imports ok\")" &&
-    /usr/local/bin/imgembed-entrypoint -n --configfile config/config.yaml' 2>&1 | tail -n 12
-  buildah rm "$ctr2" >/dev/null
-}
-
-report() {
-  log "outputs written through the mounts:"
-  (cd "$RUN_DIR" && find . -type f ! -path './data/sample/*' | sort | head -100)
-  local metrics
-  metrics=$(find "$RUN_DIR/reports" -name metrics.json | sort)
-  [[ -n $metrics ]] || { log "no metrics.json under reports/"; return 1; }
-  for m in $metrics; do echo "== ${m#"$RUN_DIR"/}"; cat "$m"; echo; done
-}
-
-t_all=$SECONDS
-step "install buildah/debootstrap" install_tools
-step "base image ($BASE_IMAGE)" base_image
-step "hadolint Dockerfile" lint
-step "buildah bud -> $IMAGE" build
-step "inspect image" inspect
-step "prepare run folders + container" prepare_run
-step "sample workflow in the container" sample_run "$@"
-step "dry runs: no --cores given; as uid 4242" other_invocations
-step "report" report
-log "timings:"
-printf '%s\n' "${TIMINGS[@]}" "$(printf '%5d s  total' $((SECONDS - t_all)))" | tee "$LOGS/timings.txt"
+[[ $FAILED == 0 ]] && log "all checks passed" || { log "some checks FAILED"; exit 1; }
