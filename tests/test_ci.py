@@ -126,7 +126,7 @@ def test_conda_env_holds_the_dependencies_and_no_path():
     for entry in pip:
         assert not entry.startswith(("-", ".", "/", "file:")) and "/" not in entry, entry
     assert pip == PROJECT["dependencies"]
-    assert 'os.environ["PYTHONPATH"]' in (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    assert "os.environ.update(\n    PYTHONPATH=" in (ROOT / "workflow" / "rules" / "common.smk").read_text()
 
 
 def test_conda_env_pip_part_installs_from_a_copied_location(tmp_path: Path):

@@ -7,8 +7,8 @@ from pathlib import Path
 # The rules run this checkout's package: under --software-deployment-method conda the env
 # (envs/imgembed.yaml) holds only the dependencies, wherever Snakemake copied it, and jobs find
 # `python -m imgembed` here. (With the package installed, editable or in the image, it is the same code.)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(Path(workflow.basedir) / "src"), os.environ.get("PYTHONPATH", "")) if p
+os.environ.update(
+    PYTHONPATH=os.pathsep.join(p for p in (str(Path(workflow.basedir) / "src"), os.environ.get("PYTHONPATH", "")) if p)
 )
 
 
