@@ -16,14 +16,14 @@
 #
 # Usage (as root, with dockerd running):  bash tests/container/build_and_run.sh
 # Environment: WORK (scratch, default /var/tmp/imgembed-docker), BASE_IMAGE (default
-# imgembed-base:test), UIDS (default "0 1000 4243"), FULL=1.
+# imgembed-base:test), UIDS (default "0 1000 4243"; empty: none), FULL=1.
 # The clone is of this repository's committed HEAD (git clone), as a user would get it.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 WORK=${WORK:-/var/tmp/imgembed-docker}
 BASE_IMAGE=${BASE_IMAGE:-imgembed-base:test}
-UIDS=${UIDS:-0 1000 4243}
+UIDS=${UIDS-0 1000 4243}
 export DOCKER_BUILDKIT=${DOCKER_BUILDKIT:-0}   # the classic builder: no buildx plugin needed
 FAILED=0
 
