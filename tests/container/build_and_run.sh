@@ -57,7 +57,8 @@ as_user() {  # as_user UID DIR CMD : run CMD with bash in DIR as that uid (gid =
 }
 
 fresh_clone() {  # fresh_clone UID -> prints the clone's path, owned by UID
-  local uid=$1 dir=$WORK/clone-$uid
+  local uid=$1
+  local dir=$WORK/clone-$uid
   rm -rf "$dir" "$WORK/home-$uid"
   git clone --quiet "$REPO" "$dir"
   cp "$REPO/tests/fixtures/tiny.yaml" "$dir/tiny.yaml"
