@@ -133,3 +133,13 @@ def test_version_is_one_number_everywhere():
     snakefile = (ROOT / "Snakefile").read_text()
     assert f'container: "docker://ghcr.io/imgembed/imgembed:{imgembed.__version__}"' in snakefile
     assert f"ARG VERSION={imgembed.__version__}\n" in (ROOT / "Dockerfile").read_text()
+
+
+@pytest.mark.parametrize(("device", "requested", "runs"), [
+    ("cpu", "fp16", "no"), ("cpu", "bf16", "bf16"), ("cpu", "no", "no"), ("cuda", "fp16", "fp16"), ("cuda", "bf16", "bf16"),
+])
+def test_precision_on(device, requested, runs):
+    """The one precision rule, shared by training and doctor: fp16 on the CPU runs as fp32."""
+    from imgembed.train import precision_on
+
+    assert precision_on(device, requested) == runs
