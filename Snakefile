@@ -1,8 +1,17 @@
 # imgembed: unpack -> train -> embed -> evaluate (beside the untrained baseline) -> plot, for every dataset in config["datasets"].
 # Every rule runs one `python -m imgembed <stage>` command; dvc.yaml runs the same commands.
+import os
 import sys
 
 from snakemake.utils import min_version, validate
+
+# This checkout's package, for the Snakefile and for every job: under
+# --software-deployment-method conda the env (envs/imgembed.yaml) holds only the dependencies,
+# wherever Snakemake copied it, and snakemake itself may run where imgembed is not installed.
+# (Where the package is installed, editable or in the image, this is the same code.)
+SRC = os.path.join(workflow.basedir, "src")
+sys.path.insert(0, SRC)
+os.environ.update(PYTHONPATH=os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH", "")) if p))
 
 min_version("9.0")
 

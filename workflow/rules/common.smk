@@ -1,15 +1,7 @@
 # Shared by all rules: which config files the stages read, and where each dataset's files go.
-import os
 import sys
 from pathlib import Path
 
-
-# The rules run this checkout's package: under --software-deployment-method conda the env
-# (envs/imgembed.yaml) holds only the dependencies, wherever Snakemake copied it, and jobs find
-# `python -m imgembed` here. (With the package installed, editable or in the image, it is the same code.)
-os.environ.update(
-    PYTHONPATH=os.pathsep.join(p for p in (str(Path(workflow.basedir) / "src"), os.environ.get("PYTHONPATH", "")) if p)
-)
 
 
 wildcard_constraints:
