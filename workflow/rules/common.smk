@@ -3,7 +3,6 @@ import sys
 from pathlib import Path
 
 
-
 wildcard_constraints:
     dataset="[A-Za-z0-9_-]+",
 
