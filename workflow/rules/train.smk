@@ -1,5 +1,16 @@
 # accelerate picks the device(s) and process count from config/accelerate/<train.accelerate>.yaml.
 # `gpu` is a resource for cluster executors; locally it limits nothing without --resources gpu=N.
+import yaml
+
+
+def training_gpus(accelerate_config):
+    """GPUs the training job needs: none on the CPU, else one per process of the accelerate config."""
+    settings = yaml.safe_load(Path(accelerate_config).read_text())
+    if settings.get("use_cpu") or settings.get("distributed_type") == "MULTI_CPU":
+        return 0
+    return int(settings.get("num_processes", 1))
+
+
 rule train:
     input:
         "data/{dataset}",
@@ -16,7 +27,7 @@ rule train:
         "logs/train/{dataset}.log",
     threads: workflow.cores
     resources:
-        gpu=0 if config["train"]["accelerate"] == "cpu" else 1,
+        gpu=training_gpus(f"config/accelerate/{config['train']['accelerate']}.yaml"),
         mem_mb=16000,
         runtime=24 * 60,
     conda:
