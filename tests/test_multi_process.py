@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -142,7 +143,11 @@ def test_sigkill_mid_epoch_resumes_with_both_processes(tmp_path):
         assert victim.poll() is None, victim.stderr.read()[-3000:]
         assert time.monotonic() < deadline, "no step in epoch 2"
         time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both training processes, mid-epoch 2
+    # The whole job, as SLURM or the OOM killer would end it: the launcher and both training
+    # processes (torchrun starts each in a session of its own, so killing the launcher's group is not enough).
+    launcher = psutil.Process(victim.pid)
+    for process in [launcher, *launcher.children(recursive=True)]:
+        process.send_signal(signal.SIGKILL)
     victim.communicate()
     assert json.loads(state_file.read_text())["epoch"] == 1
     assert not (tmp_path / "victim" / "embedding_net.pt").exists()
