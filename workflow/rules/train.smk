@@ -1,16 +1,6 @@
 # accelerate picks the device(s) and process count from config/accelerate/<train.accelerate>.yaml.
-# `gpu` is a resource for cluster executors; locally it limits nothing without --resources gpu=N.
-import yaml
-
-
-def training_gpus(accelerate_config):
-    """GPUs the training job needs: none on the CPU, else one per process of the accelerate config."""
-    settings = yaml.safe_load(Path(accelerate_config).read_text())
-    if settings.get("use_cpu") or settings.get("distributed_type") == "MULTI_CPU":
-        return 0
-    return int(settings.get("num_processes", 1))
-
-
+# `gpu` is a resource for cluster executors (training_gpus in common.smk); locally it limits nothing
+# without --resources gpu=N.
 rule train:
     input:
         "data/{dataset}",
