@@ -7,7 +7,8 @@
 #   tests/cluster/cluster.sh stop     # stops the daemons this script started, nothing else
 #
 # Needs root and Debian's packages: apt-get install -y slurm-wlm munge
-# One node (this host, with the CPUs and memory `slurmd -C` finds) in one partition, `main`.
+# One node (this host, with the CPUs and memory `slurmd -C` finds, and two pretend GPUs) in one
+# partition, `main`.
 # No accounting database: `sacct` is answered by slurmctld, which keeps finished jobs for
 # MinJobAge (1 hour here), and every finished job is also appended to $STATE/jobcomp.log.
 # Clients need `export SLURM_CONF=$STATE/slurm.conf` (printed by `start`).
@@ -53,9 +54,14 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=$STATE/jobcomp.log
-$node NodeAddr=127.0.0.1 State=UNKNOWN
+# Two pretend GPUs (see gres.conf): jobs asking --gpus=N are scheduled and recorded as on a GPU
+# node, so the profile's GPU requests are checked; the work itself runs on the CPU.
+GresTypes=gpu
+$node Gres=gpu:2 NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
+    # Slurm drops GPUs without a device file; these two stand in (nothing opens them).
+    printf 'NodeName=%s Name=gpu File=%s\n' "$(hostname -s)" /dev/null "$(hostname -s)" /dev/zero >"$STATE/gres.conf"
 }
 
 start_munge() {
@@ -75,10 +81,13 @@ start_munge() {
 }
 
 wait_for_node() {
+    local state
     for _ in $(seq 1 60); do
-        if sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
-            return 0
-        fi
+        state=$(sinfo -h -N -o '%T' 2>/dev/null || true)
+        case $state in
+            idle | mixed | allocated) return 0 ;;  # not idle* (not responding yet)
+            drain* | down*) scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true ;;  # left by an unclean stop
+        esac
         sleep 0.5
     done
     say "the node did not become idle; see $STATE/slurmctld.log and $STATE/slurmd.log"
@@ -99,7 +108,6 @@ start() {
     running "$STATE/slurmctld.pid" || slurmctld -f "$CONF"
     running "$STATE/slurmd.pid" || slurmd -f "$CONF"
     wait_for_node
-    scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true  # after an unclean stop
     say "cluster up: partition $PARTITION on $(hostname -s)"
     echo "export SLURM_CONF=$CONF"
 }
