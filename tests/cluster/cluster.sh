@@ -2,7 +2,7 @@
 # A real single-node SLURM cluster on this machine, for tests/cluster/test_slurm.py and for trying
 # `snakemake --profile profiles/slurm` without a cluster:
 #
-#   tests/cluster/cluster.sh start    # idempotent: starts only what is not running; prints SLURM_CONF
+#   tests/cluster/cluster.sh start    # idempotent: starts only what is not running
 #   tests/cluster/cluster.sh status   # sinfo, or exit 1 when the cluster does not answer
 #   tests/cluster/cluster.sh stop     # stops the daemons this script started, nothing else
 #
@@ -11,11 +11,14 @@
 # partition, `main`.
 # No accounting database: `sacct` is answered by slurmctld, which keeps finished jobs for
 # MinJobAge (1 hour here), and every finished job is also appended to $STATE/jobcomp.log.
-# Clients need `export SLURM_CONF=$STATE/slurm.conf` (printed by `start`).
+# Writes /etc/slurm/slurm.conf and gres.conf (removed by `stop`); logs and state go to $STATE.
 set -euo pipefail
 
 STATE=${IMGEMBED_SLURM_STATE:-/var/tmp/imgembed-slurm}
-CONF=$STATE/slurm.conf
+# Where every Slurm command looks (srun inside a job ignores the submitter's SLURM_CONF). A
+# slurm.conf there that this script did not write is never replaced: start then refuses.
+CONF=/etc/slurm/slurm.conf
+MARK="# Written by tests/cluster/cluster.sh"
 PARTITION=main
 
 say() { echo "cluster.sh: $*" >&2; }
@@ -28,7 +31,7 @@ write_conf() {
     local node
     node=$(slurmd -C | head -n 1)  # NodeName=<host> CPUs=... RealMemory=...
     cat >"$CONF" <<EOF
-# Written by tests/cluster/cluster.sh: a one-node test cluster.
+$MARK: a one-node test cluster.
 ClusterName=imgembed-test
 SlurmctldHost=$(hostname -s)(127.0.0.1)
 SlurmUser=root
@@ -61,7 +64,7 @@ $node Gres=gpu:2 NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     # Slurm drops GPUs without a device file; these two stand in (nothing opens them).
-    printf 'NodeName=%s Name=gpu File=%s\n' "$(hostname -s)" /dev/null "$(hostname -s)" /dev/zero >"$STATE/gres.conf"
+    printf 'NodeName=%s Name=gpu File=%s\n' "$(hostname -s)" /dev/null "$(hostname -s)" /dev/zero >/etc/slurm/gres.conf
 }
 
 start_munge() {
@@ -99,8 +102,11 @@ start() {
         command -v "$tool" >/dev/null || { say "$tool not found: apt-get install -y slurm-wlm munge"; exit 1; }
     done
     [[ $(id -u) == 0 ]] || { say "needs root (the daemons run as root)"; exit 1; }
-    mkdir -p "$STATE/ctld" "$STATE/d"
-    export SLURM_CONF=$CONF
+    if [[ -e $CONF ]] && ! head -n 1 "$CONF" | grep -qF "$MARK"; then
+        say "$CONF exists and was not written by this script: not touching a real cluster's config"
+        exit 1
+    fi
+    mkdir -p "$STATE/ctld" "$STATE/d" /etc/slurm
     if ! running "$STATE/slurmctld.pid" && ! running "$STATE/slurmd.pid"; then
         write_conf  # only while nothing reads it
     fi
@@ -109,7 +115,6 @@ start() {
     running "$STATE/slurmd.pid" || slurmd -f "$CONF"
     wait_for_node
     say "cluster up: partition $PARTITION on $(hostname -s)"
-    echo "export SLURM_CONF=$CONF"
 }
 
 stop() {
@@ -121,10 +126,12 @@ stop() {
         fi
         rm -f "$STATE/$name.pid"
     done
+    if [[ -e $CONF ]] && head -n 1 "$CONF" | grep -qF "$MARK"; then
+        rm -f "$CONF" /etc/slurm/gres.conf
+    fi
 }
 
 status() {
-    export SLURM_CONF=$CONF
     sinfo
 }
 
