@@ -4,7 +4,8 @@ tests/cluster/cluster.sh starts a one-node cluster on this machine (root and Deb
 and munge needed; skipped with the reason otherwise). The run adds tests/cluster/profile, which
 only fits the resources to this node. Checked: every rule ran as a SLURM job that completed,
 the jobs carry the profile's partition, CPUs, memory, time limit and the training job's GPU,
-and the metrics equal those of a local `snakemake --cores 2` run with the same settings.
+the metrics equal those of a local `snakemake --cores 2` run with the same settings, and
+`multi_gpu` training asks for two GPUs on one node and runs two processes.
 """
 
 from __future__ import annotations
@@ -92,3 +93,13 @@ def test_workflow_runs_as_slurm_jobs_with_the_profiles_resources(cluster, tmp_pa
     assert metrics == json.loads((local / "reports/tiny/metrics.json").read_text())
     log = (project / "logs/train/tiny.log").read_text()
     assert "on cpu x1 (2 threads each)" in log  # the same threads as the local run: the same numbers
+
+    # Several GPUs on one node: multi_gpu.yaml's 2 processes ask for --gpus=2 --nodes=1, and the
+    # job starts both processes (here they find no CUDA and join on the CPU).
+    (project / "config" / "test.yaml").write_text(yaml.safe_dump({**SETTINGS, "train": {"accelerate": "multi_gpu"}}))
+    before = {job["JobId"] for job in slurm_jobs(project)}
+    snakemake(project, "models/tiny/embedding_net.pt", "--profile", "profiles/slurm", "--profile", str(OVERRIDE))
+    [train] = [job for job in slurm_jobs(project) if job["JobId"] not in before]
+    assert train["Comment"].startswith("rule_train") and train["JobState"] == "COMPLETED"
+    assert (train["TresPerJob"], train["NumNodes"]) == ("gres:gpu:2", "1")
+    assert "on cpu x2" in (project / "logs/train/tiny.log").read_text()
