@@ -4,7 +4,8 @@
 # Prints: raw efficientnet_b3 forward+backward images/s at 224 px in bf16 (the ceiling), the
 # workflow's own training images/s on the same settings and their ratio, a short real training
 # run on the sample data through `accelerate launch` (bf16) with its metrics, and that the
-# TorchScript export loads and runs on the GPU.
+# TorchScript export loads and runs on the GPU; with two or more GPUs also data-parallel training
+# on two of them (multi_gpu) and its speed against one.
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repository root
 #   SMOKE=1 bash bench/gpu_check.sh    # tiny settings, runs on a CPU (to test this script)
 set -euo pipefail
@@ -86,4 +87,19 @@ with torch.no_grad():
     out = net(torch.randn(4, 3, info["image_size"], info["image_size"], device=dev))
 print(f"embedding_net.pt runs on {out.device}: output {tuple(out.shape)}, norms {out.norm(dim=1).tolist()}")
 PY
+echo "== 5. data-parallel training on two GPUs (train.accelerate: multi_gpu; skipped with fewer than 2)"
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "${SMOKE:-0}" = 1 ]; then MULTI=multi_cpu; elif [ "$GPUS" -ge 2 ]; then MULTI=multi_gpu; else MULTI=; fi
+if [ -z "$MULTI" ]; then
+  echo "skipped: $GPUS GPU(s) visible"
+else
+  sed "s/accelerate: $ACC/accelerate: $MULTI/" "$WORK/speed.yaml" > "$WORK/speed2.yaml"
+  accelerate launch --quiet --config_file "config/accelerate/$MULTI.yaml" -m imgembed train "$WORK/speed" -o "$WORK/speed2_model" \
+    --live-dir "$WORK/speed2_live" --configfile config/config.yaml "$WORK/speed2.yaml" 2> "$WORK/speed2.log" || { tail -20 "$WORK/speed2.log"; exit 1; }
+  grep -h "on cuda x2\|on cpu x2\|steps per epoch\|done:" "$WORK/speed2.log"
+  WF2=$(python -c "import json,sys; h=json.load(open(sys.argv[1]))['history']; print(round(h[-1]['train/images_per_s'],1))" "$WORK/speed2_model/checkpoints/state.json")
+  echo "workflow images/s on two processes (epoch 2): $WF2"
+  python -c "print(f'RATIO two_process_vs_one {float(\"$WF2\") / float(\"$WF\"):.3f}')"
+  test -s "$WORK/speed2_model/embedding_net.pt" && echo "export written once, by the main process: $WORK/speed2_model/embedding_net.pt"
+fi
 echo "outputs in $WORK"

@@ -119,3 +119,15 @@ def test_cpu_threads_follow_the_callers_budget_not_accelerates_default():
     assert cpu_threads(1, {"OMP_NUM_THREADS": "1"}) == available
     assert cpu_threads(1, {"MKL_NUM_THREADS": "zero"}) == available
     assert cpu_threads(available * 2, {}) == 1
+
+
+def test_several_processes_without_a_gpu_join_on_the_cpu(monkeypatch):
+    import torch
+
+    from imgembed.train import distributed_on_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed_on_cpu({"WORLD_SIZE": "2"})  # multi_cpu: torchrun's processes, no GPU
+    assert not distributed_on_cpu({"WORLD_SIZE": "1"}) and not distributed_on_cpu({})  # one process: accelerate decides
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not distributed_on_cpu({"WORLD_SIZE": "2"})  # multi_gpu on GPUs: nccl

@@ -219,6 +219,16 @@ def cpu_threads(processes: int, environ: dict[str, str] | None = None) -> int:
     return max(1, cores // max(1, processes))
 
 
+def distributed_on_cpu(environ: dict[str, str] | None = None) -> bool:
+    """Several processes and no GPU (train.accelerate: multi_cpu): join them over gloo on the CPU.
+
+    accelerate launch starts local processes only through its multi-GPU launcher, which does not
+    pass the config's use_cpu on; without cpu=True each process would train alone on all the data.
+    """
+    environ = os.environ if environ is None else environ
+    return int(environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def precision_on(device_type: str, requested: str) -> str:
     """The precision that really runs on a device type ("cpu", "cuda"): accelerate quietly runs
     fp16 as fp32 on the CPU. (Also used by `imgembed doctor` to say what a run would use.)"""
@@ -262,7 +272,7 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
     data_cfg = resolve_data_cfg(cfg["data"], model_cfg)
     require_onnx(model_cfg)  # model.export_onnx without onnx installed: say so now, not after training
     budget_started = time.perf_counter()  # train.max_seconds counts set-up (image and feature caches) too
-    accelerator = Accelerator(mixed_precision=train_cfg["mixed_precision"])
+    accelerator = Accelerator(mixed_precision=train_cfg["mixed_precision"], cpu=distributed_on_cpu())
     precision = effective_precision(accelerator, train_cfg["mixed_precision"])
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(accelerator.num_processes))
@@ -329,7 +339,11 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
         state = {"fingerprint": checkpoints.key, "epoch": 0, "best_map_at_5": -1.0, "best_epoch": 0, "history": []}
     accelerator.wait_for_everyone()
 
-    live = open_live(live_dir, {**flatten(cfg), "precision_effective": precision}, state["history"]) if main else None
+    # Data-parallel: each process takes its own batch per step, so a step sees `processes` batches
+    # (gradients averaged) and an epoch has 1/processes as many steps; the schedule counts these steps.
+    effective_batch = batch_size * accelerator.num_processes
+    live = open_live(live_dir, {**flatten(cfg), "precision_effective": precision, "effective_batch_size": effective_batch,
+                                "steps_per_epoch": steps_per_epoch}, state["history"]) if main else None
     log.info(
         "training %s (%s, %s) on %s x%d%s, precision %s: %d train / %d val images, batch %d (%d classes x %d), %d epochs%s",
         model_cfg["backbone"], "pretrained" if model_cfg["pretrained"] else "random init",
@@ -339,6 +353,8 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
         data_cfg["classes_per_batch"], data_cfg["samples_per_class"], train_cfg["epochs"],
         ", cached backbone features" if use_feature_cache else "",
     )
+    log.info("%d steps per epoch of %d images (%d processes x batch %d); learning-rate schedule over %d steps, %d of warm-up",
+             steps_per_epoch, effective_batch, accelerator.num_processes, batch_size, total_steps, warmup_steps)
     started = time.perf_counter()
     images_seen, step_seconds = 0, 0.0
     class_order = list(sampler.labels)  # MPerClassSampler shuffles this list in place, carrying state across epochs

@@ -2,6 +2,8 @@
 import sys
 from pathlib import Path
 
+import yaml
+
 
 wildcard_constraints:
     dataset="[A-Za-z0-9_-]+",
@@ -60,3 +62,12 @@ def all_outputs(datasets):
             f"reports/{name}/plots/retrievals.png",
         )
     ]
+
+
+def training_gpus(accelerate_config):
+    """GPUs the training job asks a cluster for: none on the CPU, else one per process of the
+    accelerate config (multi_gpu.yaml's num_processes)."""
+    settings = yaml.safe_load(Path(accelerate_config).read_text())
+    if settings.get("use_cpu") or settings.get("distributed_type") == "MULTI_CPU":
+        return 0
+    return int(settings.get("num_processes", 1))

@@ -1,5 +1,6 @@
 # accelerate picks the device(s) and process count from config/accelerate/<train.accelerate>.yaml.
-# `gpu` is a resource for cluster executors; locally it limits nothing without --resources gpu=N.
+# `gpu` is a resource for cluster executors (training_gpus in common.smk); locally it limits nothing
+# without --resources gpu=N.
 rule train:
     input:
         "data/{dataset}",
@@ -16,7 +17,7 @@ rule train:
         "logs/train/{dataset}.log",
     threads: workflow.cores
     resources:
-        gpu=0 if config["train"]["accelerate"] == "cpu" else 1,
+        gpu=training_gpus(f"config/accelerate/{config['train']['accelerate']}.yaml"),
         mem_mb=16000,
         runtime=24 * 60,
     conda:
