@@ -12,7 +12,8 @@ from helpers import make_dataset_zip
 
 from imgembed.config import load_config
 from imgembed.data import ImageDataset, build_transform, load_split
-from imgembed.embed import embed_split, l2_normalize, load_embedding_net
+from imgembed.artifacts import l2_normalize
+from imgembed.embed import embed_split, load_embedding_net
 from imgembed.files import write_json
 from imgembed.model import create_embedding_net, describe_model, export_torchscript
 from imgembed.unpack import unpack_dataset

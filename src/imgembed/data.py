@@ -25,6 +25,8 @@ from imgembed.errors import UserError
 log = logging.getLogger("imgembed")
 
 SPLITS = ("train", "val", "test")
+# The files a dataset may hold (unpack keeps them) are the files an index may hold (search).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,12 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from imgembed.data import SPLITS, to_rgb
+from imgembed.data import IMAGE_SUFFIXES, SPLITS, to_rgb
 from imgembed.errors import UserError
 from imgembed.files import write_json
 
 log = logging.getLogger("imgembed")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 _RATIO_MIN_BYTES = 1 << 20  # tiny files compress extremely well for innocent reasons
 _METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 # What a damaged archive raises while an entry is read: bad CRC, bad deflate/bzip2/lzma stream, short read.
