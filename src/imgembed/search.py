@@ -4,9 +4,9 @@
 embeddings .npz such as embeddings/D/test.npz); `imgembed index` builds such a file from any
 folder of images. Both read only embedding_net.pt and model.json (no workflow config, no
 training code), decode images with the same imgembed.data.load_image as every stage, and
-rebuild the evaluation transform from model.json with plain torchvision, equal to the embed
-stage's (tests/test_search.py checks), so they run wherever PyTorch and this package are
-installed. faiss is used for large indexes when installed.
+build the evaluation transform from model.json with the embed stage's own code
+(data.eval_image_transform), so they run wherever PyTorch and this package are installed.
+faiss is used for large indexes when installed.
 
 Distances are Euclidean between L2-normalised embeddings (0 = identical, 2 = opposite);
 the ranking is the same as by cosine similarity. Ties go to the earlier index item.
@@ -18,7 +18,6 @@ import contextlib
 import importlib.util
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,29 +25,21 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 from tqdm import tqdm
 
 from imgembed.artifacts import Embeddings, l2_normalize, load_model, read_embeddings, write_embeddings
-from imgembed.data import IMAGE_SUFFIXES, load_image, shrink_to
+from imgembed.data import IMAGE_SUFFIXES, eval_image_transform, load_image
 from imgembed.errors import UserError
+from imgembed.metrics import nearest_neighbours
 
 log = logging.getLogger("imgembed")
 
 # From this many index items on, faiss (when installed) does the exact search; below it the
 # chunked matrix products here are as fast and need nothing extra.
 FAISS_MIN_INDEX = 50_000
-# Cap of one block of the distance matrix (queries x index floats) in the exact search.
+# Cap of one block of gathered neighbour vectors (floats) when their distances are measured.
 MAX_BLOCK_FLOATS = 1 << 25
 BACKENDS = ("auto", "exact", "faiss")
-_INTERPOLATION = {
-    "nearest": transforms.InterpolationMode.NEAREST,
-    "bilinear": transforms.InterpolationMode.BILINEAR,
-    "bicubic": transforms.InterpolationMode.BICUBIC,
-    "box": transforms.InterpolationMode.BOX,
-    "hamming": transforms.InterpolationMode.HAMMING,
-    "lanczos": transforms.InterpolationMode.LANCZOS,
-}
 
 
 # ---- the model and its preprocessing ------------------------------------------------------
@@ -65,22 +56,8 @@ def read_image(path: Path) -> Image.Image:
 
 
 def image_transform(info: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB image -> normalised CHW tensor, rebuilt from model.json alone.
-
-    Shorter side to image_size, centre crop, [0, 1], then (x - mean) / std: the evaluation
-    transform that training validated with (timm's, with crop_pct 1).
-    """
-    size = int(info["image_size"])
-    name = str(info.get("interpolation", "bicubic"))
-    if name not in _INTERPOLATION:
-        raise UserError(f"model.json: unknown interpolation '{name}'; expected one of {', '.join(_INTERPOLATION)}")
-    pipeline = transforms.Compose([
-        transforms.Resize(size, interpolation=_INTERPOLATION[name], antialias=True),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=[float(v) for v in info["mean"]], std=[float(v) for v in info["std"]]),
-    ])
-    return lambda image: pipeline(shrink_to(image, size))
+    """PIL RGB image -> normalised CHW tensor, from model.json alone: the embed stage's transform."""
+    return eval_image_transform(info)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -251,7 +228,10 @@ def check_dims(index: Index, info: dict[str, Any], index_file: Path, model_dir: 
 
 def build_index(folder: Path, model_dir: Path, output: Path, batch_size: int = 64, device: str = "auto",
                 workers: int = 0, skip_unreadable: bool = False) -> Index:
-    """Embed every image below `folder`; class = name of the image's parent folder ('' at the top)."""
+    """Embed every image below `folder`; class = name of the image's parent folder ('' at the top).
+
+    Reads the images and model_dir (embedding_net.pt, model.json); writes `output`, an embeddings
+    file (imgembed.artifacts) that records `folder` as its root."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
@@ -282,32 +262,9 @@ def faiss_available() -> bool:
 
 
 def exact_neighbours(queries: np.ndarray, index: np.ndarray, k: int, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """(distances, indices), each Q x min(k, N): exact Euclidean search in blocks of queries.
-
-    Blocks hold at most MAX_BLOCK_FLOATS distances, so a large index never needs a Q x N
-    matrix; ties in distance go to the earlier index item, like imgembed.metrics.
-    """
-    x = torch.as_tensor(np.ascontiguousarray(index, dtype=np.float32))
-    q_all = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32))
-    n, m = x.shape[0], q_all.shape[0]
-    k = min(k, n)
-    out_i = np.empty((m, k), dtype=np.int64)
-    sq = (x * x).sum(1)
-    step = max(1, min(chunk_size, MAX_BLOCK_FLOATS // max(n, 1)))
-    with torch.no_grad():
-        for start in range(0, m, step):
-            q = q_all[start : start + step]
-            dist = (q * q).sum(1)[:, None] + sq[None, :] - 2.0 * (q @ x.T)
-            dist.clamp_(min=0)
-            if n <= 4096:
-                order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
-            else:  # topk does not order ties; re-sort the selected block by (distance, index)
-                _, cand = torch.topk(dist, k, dim=1, largest=False)
-                cand, _ = torch.sort(cand, dim=1)
-                sel = torch.gather(dist, 1, cand)
-                order = torch.gather(cand, 1, torch.sort(sel, dim=1, stable=True).indices)
-            out_i[start : start + q.shape[0]] = order.numpy()
-    return _refine(queries, index, out_i)
+    """(distances, indices), each Q x min(k, N): the exact search of imgembed.metrics (ties to
+    the earlier index item), then the distances of the neighbours it found."""
+    return _refine(queries, index, nearest_neighbours(queries, index, k, chunk_size=chunk_size))
 
 
 def _refine(queries: np.ndarray, index: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -365,7 +322,10 @@ def nearest(queries: np.ndarray, index: np.ndarray, k: int, backend: str = "auto
 def search(model_dir: Path, index_file: Path, inputs: Sequence[Path], k: int = 5, batch_size: int = 64,
            device: str = "auto", backend: str = "auto", root: Path | None = None, workers: int = 0,
            skip_unreadable: bool = False) -> dict[str, Any]:
-    """Embed the query images and find their k nearest index items; a JSON-ready result."""
+    """Embed the query images and find their k nearest index items; a JSON-ready result.
+
+    Reads model_dir (embedding_net.pt, model.json), the index (an embeddings file) and the
+    query images; writes nothing."""
     if k < 1:
         raise UserError(f"-k {k}: ask for at least one neighbour")
     net, info = load_model(model_dir)
