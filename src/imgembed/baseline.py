@@ -115,6 +115,8 @@ def baseline_rows(data_dir: Path, cfg: dict[str, Any], split: str = "test",
 
 
 def write_baseline(data_dir: Path, output: Path, cfg: dict[str, Any], split: str = "test") -> dict[str, dict[str, Any]]:
+    """Reads data_dir's manifest and the images of `split` (and of train, for the PCA); writes
+    `output`, the baseline rows as JSON, which evaluate compares the trained model with."""
     rows = baseline_rows(data_dir, cfg, split)
     write_json(Path(output), rows)
     return rows
