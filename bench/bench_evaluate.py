@@ -28,6 +28,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from common import ROOT, print_table, ratio_line  # noqa: E402
 
+from imgembed.artifacts import write_embeddings  # noqa: E402
+
 
 # `python -m imgembed ARGS...`, then the process's own peak resident memory (VmHWM, which exec
 # resets, unlike the rusage of children, which would count the parent's memory at fork).
@@ -61,9 +63,7 @@ def make_embeddings(path: Path, num: int, dim: int, per_class: int, noise: float
     x = centres[labels] + noise * rng.normal(size=(num, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     classes = np.array([f"class_{i:06d}" for i in range(labels.max() + 1)])
-    with open(path, "wb") as handle:
-        np.savez(handle, embeddings=x, labels=labels, class_names=classes,
-                 paths=np.array([f"test/{classes[y]}/{i}.jpg" for i, y in enumerate(labels)]))
+    write_embeddings(path, x, labels, list(classes), [f"test/{classes[y]}/{i}.jpg" for i, y in enumerate(labels)])
     return x, labels
 
 

@@ -30,8 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_train import build_parser, train_config  # noqa: E402
-from common import make_dataset, print_table, quiet, ratio_line  # noqa: E402
+from common import build_parser, make_dataset, print_table, quiet, ratio_line, train_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,8 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_train import build_parser, train_config  # noqa: E402
-from common import device, make_dataset, print_table, quiet, ratio_line  # noqa: E402
+from common import build_parser, device, make_dataset, print_table, quiet, ratio_line, train_config  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, print_table, ratio_line  # noqa: E402, F401  (common puts tests/ on sys.path)
-from helpers import copy_clone, make_dataset_zip  # noqa: E402
+from common import print_table, ratio_line  # noqa: E402
+from generated import copy_clone, make_dataset_zip  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,40 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from common import RawTimm, bench_config, make_dataset, print_table, quiet, ratio_line, workers_setting  # noqa: E402
-
-
-def build_parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--backbone", default="efficientnet_b3")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
-    p.add_argument("--classes", type=int, default=8, help="classes in the generated dataset")
-    p.add_argument("--classes-per-batch", type=int, default=8)
-    p.add_argument("--samples-per-class", type=int, default=4)
-    p.add_argument("--train-per-class", type=int, default=24, help="training images per class")
-    p.add_argument("--val-per-class", type=int, default=2)
-    p.add_argument("--num-workers", type=workers_setting, default="auto", help="data.num_workers (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--warmup-epochs", type=int, default=1, help="first epochs left out of the ratio")
-    p.add_argument("--raw-steps", type=int, default=0, help="raw steps per block (default: one epoch's worth)")
-    p.add_argument("--workdir", type=Path, help="default: a temporary folder")
-    return p
+from common import RawTimm, build_parser, make_dataset, print_table, quiet, ratio_line, train_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
-def train_config(args: argparse.Namespace) -> dict:
-    return bench_config({
-        "model": {"backbone": args.backbone, "pretrained": False, "weights": None, "image_size": args.image_size,
-                  "export_onnx": False},
-        "data": {"classes_per_batch": args.classes_per_batch, "samples_per_class": args.samples_per_class,
-                 "num_workers": args.num_workers,
-                 "augment": True},  # random weights here (speed only), but time the augmented loader a fine-tune runs
-        "train": {"epochs": args.epochs, "warmup_epochs": 1, "mixed_precision": args.precision, "max_seconds": 0},
-    })
+    return build_parser(__doc__.splitlines()[0]).parse_args(argv)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> float:

@@ -10,6 +10,7 @@ Run heavy measurements on a shared machine under `flock /tmp/imgembed-heavy.lock
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import resource
@@ -18,13 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))  # tests/helpers.py: generated dataset zips
+import torch
+from generated import ROOT, make_dataset_zip
 
-import torch  # noqa: E402
-
-from imgembed.config import load_config, merge, validate  # noqa: E402
+from imgembed.config import load_config, merge, validate
 
 
 def bench_config(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -33,9 +31,7 @@ def bench_config(overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_dataset(workdir: Path, classes: int, per_split: dict[str, int], size: int) -> Path:
-    """A generated dataset zip (tests/helpers.py), unpacked by the workflow's own unpack code."""
-    from helpers import make_dataset_zip
-
+    """A generated dataset zip (bench/generated.py), unpacked by the workflow's own unpack code."""
     from imgembed.unpack import unpack_dataset
 
     workdir = Path(workdir)
@@ -47,6 +43,37 @@ def make_dataset(workdir: Path, classes: int, per_split: dict[str, int], size: i
 def workers_setting(value: str) -> int | str:
     """--num-workers: an integer or `auto`, as data.num_workers takes."""
     return value if value == "auto" else int(value)
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    """The options of the training benchmarks (bench_train, bench_frozen, bench_loader)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--backbone", default="efficientnet_b3")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "no"])
+    p.add_argument("--classes", type=int, default=8, help="classes in the generated dataset")
+    p.add_argument("--classes-per-batch", type=int, default=8)
+    p.add_argument("--samples-per-class", type=int, default=4)
+    p.add_argument("--train-per-class", type=int, default=24, help="training images per class")
+    p.add_argument("--val-per-class", type=int, default=2)
+    p.add_argument("--num-workers", type=workers_setting, default="auto", help="data.num_workers (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--warmup-epochs", type=int, default=1, help="first epochs left out of the ratio")
+    p.add_argument("--raw-steps", type=int, default=0, help="raw steps per block (default: one epoch's worth)")
+    p.add_argument("--workdir", type=Path, help="default: a temporary folder")
+    return p
+
+
+def train_config(args: argparse.Namespace) -> dict:
+    """The config a training benchmark runs: config/config.yaml with the options of build_parser."""
+    return bench_config({
+        "model": {"backbone": args.backbone, "pretrained": False, "weights": None, "image_size": args.image_size,
+                  "export_onnx": False},
+        "data": {"classes_per_batch": args.classes_per_batch, "samples_per_class": args.samples_per_class,
+                 "num_workers": args.num_workers,
+                 "augment": True},  # random weights here (speed only), but time the augmented loader a fine-tune runs
+        "train": {"epochs": args.epochs, "warmup_epochs": 1, "mixed_precision": args.precision, "max_seconds": 0},
+    })
 
 
 def device() -> torch.device:

@@ -19,7 +19,7 @@ import yaml
 from helpers import ROOT, TINY_CONFIG, make_dataset_zip, reset_accelerate_state
 
 from imgembed.cli import main
-from imgembed.embed import write_embeddings
+from imgembed.artifacts import write_embeddings
 
 CONFIGS = [str(ROOT / "config" / "config.yaml"), str(TINY_CONFIG)]
 

@@ -12,7 +12,8 @@ from helpers import make_dataset_zip
 
 from imgembed.config import load_config
 from imgembed.data import ImageDataset, build_transform, load_split
-from imgembed.embed import embed_split, l2_normalize, load_embedding_net
+from imgembed.artifacts import l2_normalize
+from imgembed.embed import embed_split, load_embedding_net
 from imgembed.files import write_json
 from imgembed.model import create_embedding_net, describe_model, export_torchscript
 from imgembed.unpack import unpack_dataset
@@ -111,3 +112,21 @@ def test_weights_that_do_not_fit_timm_fall_back_to_the_torchscript_file(tmp_path
     net, _ = load_embedding_net(model_dir)
     assert isinstance(net, torch.jit.ScriptModule)
     assert "running the TorchScript file itself" in caplog.text
+
+
+def test_search_embeds_exactly_like_the_embed_stage(tmp_path: Path, data_dir: Path, fresh_accelerate_state: None) -> None:
+    """`imgembed search`/`index` build their preprocessing from model.json through the same
+    data.build_transform as the embed stage: with the same network, the same bits."""
+    from imgembed.artifacts import read_embeddings
+    from imgembed.search import embed_files
+
+    model_dir = export(tmp_path / "model", "no")
+    cfg = load_config()
+    cfg["data"]["num_workers"] = 0
+    embed_split(data_dir, model_dir, tmp_path / "test.npz", cfg)
+    stage = read_embeddings(tmp_path / "test.npz")
+    net, info = load_embedding_net(model_dir)
+    ours, kept = embed_files(net, info, [data_dir / p for p in stage.paths], batch_size=cfg["embed"]["batch_size"],
+                             device="cpu", progress=False)
+    assert kept == list(range(len(stage.paths))) and ours.dtype == stage.embeddings.dtype
+    assert np.array_equal(ours, stage.embeddings)

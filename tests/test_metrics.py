@@ -136,3 +136,26 @@ def test_per_class_precision_at_1_counts_only_answerable_queries():
     labels = np.array([0, 0, 1, 1, 1, 2])
     neighbours = np.array([[1], [2], [3], [4], [0], [0]])
     assert per_class_precision_at_1(labels, neighbours, ["a", "b", "c"]) == {"a": 0.5, "b": 2 / 3, "c": None}
+
+
+@pytest.mark.parametrize("n", [300, 4500])  # the full-sort path and the bounded path
+def test_query_search_matches_full_sort_on_ties(n):
+    """Queries against a reference (search's use of the one engine): the same order as a full
+    stable sort, ties to the lower reference index; a query that is a reference item finds itself."""
+    rng = np.random.RandomState(6)
+    reference = rng.randint(0, 3, size=(n, 4)).astype(np.float32)  # 81 distinct points: ties everywhere
+    queries = np.concatenate([reference[:5], rng.randint(0, 3, size=(40, 4)).astype(np.float32) + 0.5])
+    nn = metrics_module.nearest_neighbours(queries, reference, k=9, chunk_size=16)
+    full = metrics_module._neighbours_by_full_sort(torch.as_tensor(reference), 9, 1024, torch.as_tensor(queries))
+    assert (nn == full).all()
+    for q in range(len(queries)):
+        d = ((reference - queries[q]) ** 2).sum(1)
+        assert nn[q].tolist() == np.argsort(d, kind="stable")[:9].tolist()
+    assert nn[:5, 0].tolist() == [int(np.flatnonzero((reference == reference[i]).all(1))[0]) for i in range(5)]
+
+
+def test_leave_one_out_is_a_flag_of_the_same_search():
+    x = np.array([[0.0], [1.0], [3.0], [10.0], [11.0]])
+    assert (metrics_module.nearest_neighbours(x, x, k=4, leave_one_out=True) == leave_one_out_neighbours(x, k=4)).all()
+    assert metrics_module.nearest_neighbours(x, x, k=2)[:, 0].tolist() == [0, 1, 2, 3, 4]  # without it, itself first
+    assert metrics_module.nearest_neighbours(x[:0], x, k=2).shape == (0, 2)

@@ -26,7 +26,8 @@ from helpers import ROOT, TINY_CONFIG, copy_project, make_dataset_zip, reset_acc
 from imgembed import files as files_module
 from imgembed import train as train_module
 from imgembed.config import load_config
-from imgembed.embed import embed_split, write_embeddings
+from imgembed.artifacts import write_embeddings
+from imgembed.embed import embed_split
 from imgembed.errors import UserError
 from imgembed.evaluate import evaluate_file
 from imgembed.files import atomic_path, write_json

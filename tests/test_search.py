@@ -15,6 +15,7 @@ from PIL import Image
 
 from helpers import class_image
 from imgembed import search as S
+from imgembed.artifacts import write_embeddings
 from imgembed.cli import main
 from imgembed.errors import UserError
 from imgembed.files import write_json
@@ -191,8 +192,8 @@ def test_index_of_the_embed_stage_finds_its_data_folder(model_dir: Path, gallery
     (project / "data" / "demo" / "test").mkdir(parents=True)
     (project / "data" / "demo" / "test" / "class_0").symlink_to(gallery / "class_0")
     emb, kept = S.embed_files(*S.load_model(model_dir), [gallery / "class_0" / "img_0.png"])
-    S.write_index(project / "embeddings" / "demo" / "test.npz",
-                  S.Index(emb, np.zeros(1, np.int64), ["class_0"], ["test/class_0/img_0.png"]))
+    write_embeddings(project / "embeddings" / "demo" / "test.npz", emb, np.zeros(1, np.int64), ["class_0"],
+                     ["test/class_0/img_0.png"])
     loaded = S.load_index(project / "embeddings" / "demo" / "test.npz")
     assert loaded.root == project / "data" / "demo"
     assert S.load_index(project / "embeddings" / "demo" / "test.npz", root=tmp_path).root == tmp_path

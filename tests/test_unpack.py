@@ -27,7 +27,7 @@ from PIL import Image
 
 from imgembed import unpack as unpack_module
 from imgembed.data import load_image, load_split
-from imgembed.embed import write_embeddings
+from imgembed.artifacts import write_embeddings
 from imgembed.errors import UserError
 from imgembed.evaluate import evaluate_file
 from imgembed.unpack import unpack_dataset

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,19 +23,16 @@ from PIL import Image
 from sklearn.decomposition import PCA
 from torch.utils.data import DataLoader
 
+from imgembed.artifacts import l2_normalize
 from imgembed.data import ImageDataset, Split, build_transform, load_image, load_split, resolve_num_workers
 from imgembed.files import write_json
 from imgembed.metrics import evaluate_embeddings
-from imgembed.model import create_backbone, describe_model
+from imgembed.model import create_backbone, preprocessing
 
 log = logging.getLogger("imgembed")
 
 RAW_PIXEL_SIZE = 32  # side of the square the raw-pixel row compares (digits are 8x8 upscaled to 32)
 METRIC_KEYS = ("precision_at_1", "map_at_5", "map_at_r", "recall_at_1", "recall_at_5", "recall_at_10")
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def raw_pixels(split: Split, size: int = RAW_PIXEL_SIZE) -> np.ndarray:
@@ -62,8 +58,7 @@ def backbone_features(splits: dict[str, Split], cfg: dict[str, Any], precision: 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(cfg["train"]["seed"])  # a random-init backbone is then the one training starts from
     backbone = create_backbone(model_cfg).eval().to(device)
-    info = describe_model(SimpleNamespace(backbone=backbone), model_cfg, precision)
-    transform = build_transform(info, data_cfg, training=False)
+    transform = build_transform(preprocessing(backbone, model_cfg["image_size"]), data_cfg, training=False)
     out = {}
     for name, split in splits.items():
         dataset = ImageDataset(split, transform, model_cfg["image_size"], cache_bytes=0)
@@ -120,6 +115,8 @@ def baseline_rows(data_dir: Path, cfg: dict[str, Any], split: str = "test",
 
 
 def write_baseline(data_dir: Path, output: Path, cfg: dict[str, Any], split: str = "test") -> dict[str, dict[str, Any]]:
+    """Reads data_dir's manifest and the images of `split` (and of train, for the PCA); writes
+    `output`, the baseline rows as JSON, which evaluate compares the trained model with."""
     rows = baseline_rows(data_dir, cfg, split)
     write_json(Path(output), rows)
     return rows

@@ -6,6 +6,7 @@ files that passed validation, in the same order.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ from imgembed.errors import UserError
 log = logging.getLogger("imgembed")
 
 SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"  # written by unpack into the dataset folder, read here
+# The files a dataset may hold (unpack keeps them) are the files an index may hold (search).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class Split:
 
 
 def read_manifest(data_dir: Path) -> dict[str, Any]:
-    path = Path(data_dir) / "manifest.json"
+    path = Path(data_dir) / MANIFEST
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -95,17 +99,29 @@ def shrink_to(image: Image.Image, size: int) -> Image.Image:
     return image.resize(new, Image.Resampling.BICUBIC)
 
 
-def build_transform(model_info: dict[str, Any], data_cfg: dict[str, Any], training: bool) -> Callable:
-    """timm's transforms with the backbone's own normalisation (never a second /255)."""
+# Interpolations a model.json may name (timm's and torchvision's names).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def build_transform(model_info: dict[str, Any], data_cfg: dict[str, Any] | None, training: bool) -> Callable:
+    """timm's transforms with the backbone's own normalisation (never a second /255).
+
+    The one place a model's description (model.json's image_size, mean, std, interpolation)
+    becomes its preprocessing, as timm's resolve_model_data_config -> create_transform does;
+    for training (with data_cfg's augmentation), embedding and search alike.
+    """
+    interpolation = str(model_info.get("interpolation", "bicubic"))
+    if interpolation not in INTERPOLATIONS:
+        raise UserError(f"model.json: unknown interpolation '{interpolation}'; expected one of {', '.join(INTERPOLATIONS)}")
     kwargs: dict[str, Any] = dict(
         input_size=(3, model_info["image_size"], model_info["image_size"]),
         mean=tuple(model_info["mean"]),
         std=tuple(model_info["std"]),
-        interpolation=model_info.get("interpolation", "bicubic"),
+        interpolation=interpolation,
         crop_pct=1.0,
     )
     if training:
-        assert data_cfg["augment"] != "auto", "resolve data.augment first (train.resolve_data_cfg)"
+        assert data_cfg is not None and data_cfg["augment"] != "auto", "resolve data.augment first (train.resolve_data_cfg)"
     if training and data_cfg["augment"]:
         return create_transform(
             is_training=True,
@@ -119,6 +135,16 @@ def build_transform(model_info: dict[str, Any], data_cfg: dict[str, Any], traini
             **kwargs,
         )
     return create_transform(is_training=False, **kwargs)
+
+
+def eval_image_transform(model_info: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """Decoded RGB image of any size -> the tensor the model embeds: shrink_to, then the
+    evaluation transform, exactly as ImageDataset serves it to the embed stage."""
+    return functools.partial(_shrink_then, int(model_info["image_size"]), build_transform(model_info, None, training=False))
+
+
+def _shrink_then(size: int, transform: Callable, image: Image.Image) -> torch.Tensor:
+    return transform(shrink_to(image, size))
 
 
 class ImageDataset(Dataset):

@@ -8,63 +8,39 @@ checks that both give the same embeddings.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
+from imgembed.artifacts import l2_normalize, load_model, model_config, write_embeddings
 from imgembed.data import ImageDataset, build_transform, load_split, resolve_num_workers
-from imgembed.errors import UserError
-from imgembed.files import atomic_path
 from imgembed.model import eager_copy, embed_batches, prefer_channels_last
 
 log = logging.getLogger("imgembed")
 
 
-def load_exported_model(model_dir: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    model_dir = Path(model_dir)
-    try:
-        info = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
-        net = torch.jit.load(str(model_dir / info.get("file", "embedding_net.pt")), map_location="cpu")
-    except FileNotFoundError as err:
-        raise UserError(f"{model_dir}: no trained model there ({Path(err.filename or '').name} missing); run the train stage first") from None
-    except (json.JSONDecodeError, RuntimeError) as err:
-        raise UserError(f"{model_dir}: model files are unreadable ({str(err).splitlines()[0][:200]})") from None
-    return net.eval(), info
-
-
 def load_embedding_net(model_dir: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The shipped weights as an eager network (faster than the TorchScript graph under autocast);
     a model.json from before the head was recorded falls back to the TorchScript file itself."""
-    scripted, info = load_exported_model(model_dir)
+    scripted, info = load_model(model_dir)
     if "head" not in info:
         return scripted, info
     try:
-        return eager_copy(scripted, info), info
+        return eager_copy(scripted, model_config(info)), info
     except (RuntimeError, KeyError, ValueError) as err:  # e.g. a timm version whose modules differ
         log.warning("%s: running the TorchScript file itself (its weights do not fit timm's %s here: %s)",
                     model_dir, info["backbone"], str(err).splitlines()[0][:200])
         return scripted, info
 
 
-def write_embeddings(path: Path, embeddings: np.ndarray, labels: np.ndarray, classes: list[str], paths: list[str]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:  # np.savez would append .npz to a bare temp name
-            np.savez(handle, embeddings=embeddings.astype(np.float32), labels=labels.astype(np.int64),
-                     class_names=np.array(classes, dtype=str), paths=np.array(paths, dtype=str))
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def embed_split(data_dir: Path, model_dir: Path, output: Path, cfg: dict[str, Any], split: str = "test") -> int:
+    """Reads data_dir's manifest and images of `split` and model_dir (embedding_net.pt, model.json);
+    writes `output`, the embeddings file (imgembed.artifacts). Returns the number of images."""
     net, info = load_embedding_net(model_dir)
     precision = info.get("precision", "no")
     accelerator = Accelerator(mixed_precision=precision if torch.cuda.is_available() or precision != "fp16" else "no")

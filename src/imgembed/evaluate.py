@@ -6,23 +6,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from imgembed.artifacts import read_embeddings
 from imgembed.errors import UserError
 from imgembed.files import write_json
 from imgembed.metrics import leave_one_out_neighbours, neighbours_needed, per_class_precision_at_1, retrieval_metrics
 
 log = logging.getLogger("imgembed")
-
-
-def load_embeddings(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: data[key] for key in data.files}
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found; run the embed stage first") from None
-    except (ValueError, OSError) as err:
-        raise UserError(f"{path}: not a readable embeddings file ({err})") from None
 
 
 def compare_with_baseline(metrics: dict[str, float], baseline_path: Path) -> dict[str, dict[str, float]]:
@@ -45,12 +34,14 @@ def compare_with_baseline(metrics: dict[str, float], baseline_path: Path) -> dic
 
 def evaluate_file(embeddings_path: Path, output_dir: Path, cfg: dict[str, Any],
                   baseline: Path | None = None) -> dict[str, float]:
-    data = load_embeddings(embeddings_path)
-    labels = data["labels"]
-    neighbours = leave_one_out_neighbours(data["embeddings"], neighbours_needed(labels), cfg["evaluate"]["chunk_size"],
+    """Reads the embeddings file; writes metrics.json, per_class.json and, given the baseline
+    rows of `imgembed baseline`, baseline_comparison.json into output_dir."""
+    data = read_embeddings(embeddings_path)
+    labels = data.labels
+    neighbours = leave_one_out_neighbours(data.embeddings, neighbours_needed(labels), cfg["evaluate"]["chunk_size"],
                                           progress=True)
     metrics = retrieval_metrics(labels, neighbours)
-    per_class = per_class_precision_at_1(labels, neighbours, [str(c) for c in data["class_names"]])
+    per_class = per_class_precision_at_1(labels, neighbours, data.class_names)
     write_json(Path(output_dir) / "per_class.json", per_class)
     write_json(Path(output_dir) / "metrics.json", metrics)
     log.info("%s: P@1 %.3f, mP@5 %.3f, MAP@R %.3f, R@1/5/10 %.3f/%.3f/%.3f over %d queries",

@@ -158,7 +158,6 @@ def create_embedding_net(model_cfg: dict[str, Any]) -> EmbeddingNet:
 
 def describe_model(net: EmbeddingNet, model_cfg: dict[str, Any], precision: str) -> dict[str, Any]:
     """What model.json records: enough to use embedding_net.pt without this project's code."""
-    pretrained_cfg = net.backbone.pretrained_cfg
     return {
         "format": "torchscript",
         "file": "embedding_net.pt",
@@ -170,13 +169,22 @@ def describe_model(net: EmbeddingNet, model_cfg: dict[str, Any], precision: str)
         "normalized": bool(model_cfg["normalize"]),
         "head": model_cfg["head"],
         "head_hidden": [int(v) for v in model_cfg["head_hidden"]] if model_cfg["head"] == "mlp" else [],
-        "image_size": int(model_cfg["image_size"]),
-        "mean": [float(v) for v in pretrained_cfg.get("mean", (0.485, 0.456, 0.406))],
-        "std": [float(v) for v in pretrained_cfg.get("std", (0.229, 0.224, 0.225))],
-        "interpolation": pretrained_cfg.get("interpolation", "bicubic"),
+        **preprocessing(net.backbone, int(model_cfg["image_size"])),
         "input": "float32 NCHW RGB, values scaled to [0, 1], then (x - mean) / std; resize the "
                  "shorter side to image_size and centre-crop",
         "precision": precision,
+    }
+
+
+def preprocessing(backbone: nn.Module, image_size: int) -> dict[str, Any]:
+    """The input a backbone expects (model.json's image_size, mean, std, interpolation), from
+    timm's pretrained_cfg: what data.build_transform turns into the preprocessing."""
+    pretrained_cfg = backbone.pretrained_cfg
+    return {
+        "image_size": int(image_size),
+        "mean": [float(v) for v in pretrained_cfg.get("mean", (0.485, 0.456, 0.406))],
+        "std": [float(v) for v in pretrained_cfg.get("std", (0.229, 0.224, 0.225))],
+        "interpolation": pretrained_cfg.get("interpolation", "bicubic"),
     }
 
 
@@ -189,17 +197,14 @@ def prefer_channels_last(net: nn.Module, device: torch.device) -> nn.Module:
     return net
 
 
-def eager_copy(scripted: nn.Module, info: dict[str, Any]) -> EmbeddingNet:
-    """The exported network rebuilt as timm's eager modules, with the exported file's weights.
+def eager_copy(scripted: nn.Module, model_cfg: dict[str, Any]) -> EmbeddingNet:
+    """The exported network rebuilt as timm's eager modules, with the exported file's weights;
+    `model_cfg` comes from its model.json (imgembed.artifacts.model_config).
 
     Under bf16 autocast on the CPU the traced graph ran 15-20 % slower than the same network
     run eagerly (bench/README.md), so the embed stage runs this copy of the shipped weights.
     """
-    net = create_embedding_net({
-        "backbone": info["backbone"], "pretrained": False, "weights": None,
-        "embedding_dim": info["embedding_dim"], "head": info["head"], "head_hidden": info["head_hidden"],
-        "normalize": info["normalized"], "freeze_backbone": False, "freeze_batchnorm": False,
-    })
+    net = create_embedding_net(model_cfg)
     net.load_state_dict(scripted.state_dict())  # strict: any mismatch is an error, never a silent skip
     return net.eval()
 

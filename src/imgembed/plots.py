@@ -12,9 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from imgembed.artifacts import Embeddings, read_embeddings  # noqa: E402
 from imgembed.data import load_image  # noqa: E402
 from imgembed.errors import UserError  # noqa: E402
-from imgembed.evaluate import load_embeddings  # noqa: E402
 from imgembed.files import atomic_path  # noqa: E402
 from imgembed.metrics import leave_one_out_neighbours  # noqa: E402
 
@@ -74,8 +74,8 @@ def pick_queries(labels: np.ndarray, count: int, seed: int) -> list[int]:
     return queries + [int(i) for i in rest[: count - len(queries)]]
 
 
-def plot_retrievals(data: dict[str, np.ndarray], data_dir: Path, plots_cfg: dict[str, Any], path: Path, top_k: int = 5) -> None:
-    embeddings, labels, classes, paths = data["embeddings"], data["labels"], data["class_names"], data["paths"]
+def plot_retrievals(data: Embeddings, data_dir: Path, plots_cfg: dict[str, Any], path: Path, top_k: int = 5) -> None:
+    embeddings, labels, classes, paths = data.embeddings, data.labels, data.class_names, data.paths
     neighbours = leave_one_out_neighbours(embeddings, top_k)
     queries = pick_queries(labels, min(plots_cfg["num_queries"], len(labels)), plots_cfg["seed"])
     cols = 1 + neighbours.shape[1]
@@ -101,9 +101,10 @@ def plot_retrievals(data: dict[str, np.ndarray], data_dir: Path, plots_cfg: dict
 
 
 def plot_embeddings(embeddings_path: Path, data_dir: Path, output_dir: Path, cfg: dict[str, Any]) -> None:
-    data = load_embeddings(embeddings_path)
-    classes = [str(c) for c in data["class_names"]]
+    """Reads the embeddings file and the images under data_dir; writes embedding.png and
+    retrievals.png into output_dir."""
+    data = read_embeddings(embeddings_path)
     output_dir = Path(output_dir)
-    plot_projection(data["embeddings"], data["labels"], classes, cfg["plots"], output_dir / "embedding.png")
+    plot_projection(data.embeddings, data.labels, data.class_names, cfg["plots"], output_dir / "embedding.png")
     plot_retrievals(data, data_dir, cfg["plots"], output_dir / "retrievals.png")
     log.info("plots written to %s (embedding.png, retrievals.png)", output_dir)

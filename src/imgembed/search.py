@@ -4,9 +4,9 @@
 embeddings .npz such as embeddings/D/test.npz); `imgembed index` builds such a file from any
 folder of images. Both read only embedding_net.pt and model.json (no workflow config, no
 training code), decode images with the same imgembed.data.load_image as every stage, and
-rebuild the evaluation transform from model.json with plain torchvision, equal to the embed
-stage's (tests/test_search.py checks), so they run wherever PyTorch and this package are
-installed. faiss is used for large indexes when installed.
+build the evaluation transform from model.json with the embed stage's own code
+(data.eval_image_transform), so they run wherever PyTorch and this package are installed.
+faiss is used for large indexes when installed.
 
 Distances are Euclidean between L2-normalised embeddings (0 = identical, 2 = opposite);
 the ranking is the same as by cosine similarity. Ties go to the earlier index item.
@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import os
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -28,60 +25,24 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 from tqdm import tqdm
 
-from imgembed.data import load_image, shrink_to
+from imgembed.artifacts import Embeddings, l2_normalize, load_model, read_embeddings, write_embeddings
+from imgembed.data import IMAGE_SUFFIXES, eval_image_transform, load_image
 from imgembed.errors import UserError
-from imgembed.files import atomic_path
-from imgembed.unpack import IMAGE_SUFFIXES  # the files a dataset may hold are the files an index may hold
+from imgembed.metrics import nearest_neighbours
 
 log = logging.getLogger("imgembed")
 
 # From this many index items on, faiss (when installed) does the exact search; below it the
 # chunked matrix products here are as fast and need nothing extra.
 FAISS_MIN_INDEX = 50_000
-# Cap of one block of the distance matrix (queries x index floats) in the exact search.
+# Cap of one block of gathered neighbour vectors (floats) when their distances are measured.
 MAX_BLOCK_FLOATS = 1 << 25
 BACKENDS = ("auto", "exact", "faiss")
-_INTERPOLATION = {
-    "nearest": transforms.InterpolationMode.NEAREST,
-    "bilinear": transforms.InterpolationMode.BILINEAR,
-    "bicubic": transforms.InterpolationMode.BICUBIC,
-    "box": transforms.InterpolationMode.BOX,
-    "hamming": transforms.InterpolationMode.HAMMING,
-    "lanczos": transforms.InterpolationMode.LANCZOS,
-}
 
 
 # ---- the model and its preprocessing ------------------------------------------------------
-
-def load_model(model_dir: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """embedding_net.pt and model.json of a trained model, or a one-line UserError."""
-    model_dir = Path(model_dir)
-    info_file = model_dir / "model.json"
-    if not model_dir.is_dir():
-        raise UserError(f"{model_dir}: no such model folder; train one first (or pass --model models/<dataset>)")
-    try:
-        info = json.loads(info_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{model_dir}: no trained model there (model.json missing); run the train stage first") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{info_file}: not valid JSON ({err})") from None
-    missing = [key for key in ("image_size", "mean", "std", "embedding_dim") if key not in info]
-    if missing:
-        raise UserError(f"{info_file}: not an imgembed model description (missing {', '.join(missing)})")
-    net_file = model_dir / info.get("file", "embedding_net.pt")
-    try:
-        with warnings.catch_warnings():  # torch.jit is deprecated, but TorchScript is the exported format
-            warnings.simplefilter("ignore", FutureWarning)
-            net = torch.jit.load(str(net_file), map_location="cpu")
-    except ValueError:  # torch.jit.load's "does not exist" for a missing file
-        raise UserError(f"{model_dir}: no trained model there ({net_file.name} missing); run the train stage first") from None
-    except RuntimeError as err:
-        raise UserError(f"{net_file}: not a TorchScript model ({str(err).strip().splitlines()[0][:200]})") from None
-    return net.eval(), info
-
 
 def read_image(path: Path) -> Image.Image:
     """The decoded RGB image, or a one-line UserError naming the file."""
@@ -95,22 +56,8 @@ def read_image(path: Path) -> Image.Image:
 
 
 def image_transform(info: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL RGB image -> normalised CHW tensor, rebuilt from model.json alone.
-
-    Shorter side to image_size, centre crop, [0, 1], then (x - mean) / std: the evaluation
-    transform that training validated with (timm's, with crop_pct 1).
-    """
-    size = int(info["image_size"])
-    name = str(info.get("interpolation", "bicubic"))
-    if name not in _INTERPOLATION:
-        raise UserError(f"model.json: unknown interpolation '{name}'; expected one of {', '.join(_INTERPOLATION)}")
-    pipeline = transforms.Compose([
-        transforms.Resize(size, interpolation=_INTERPOLATION[name], antialias=True),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=[float(v) for v in info["mean"]], std=[float(v) for v in info["std"]]),
-    ])
-    return lambda image: pipeline(shrink_to(image, size))
+    """PIL RGB image -> normalised CHW tensor, from model.json alone: the embed stage's transform."""
+    return eval_image_transform(info)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -157,10 +104,6 @@ def _collate(items: list[tuple[torch.Tensor | None, int, str]]) -> tuple[torch.T
     good = [item for item in items if item[0] is not None]
     images = torch.stack([item[0] for item in good]) if good else None
     return images, [item[1] for item in good], [item[2] for item in items if item[0] is None]
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 @torch.no_grad()
@@ -235,29 +178,14 @@ def collect_queries(inputs: Sequence[Path]) -> list[Path]:
 
 # ---- the index -------------------------------------------------------------------------------
 
-@dataclass
-class Index:
-    """An embeddings file: the embed stage's format, plus `root` for indexes built from a folder."""
+Index = Embeddings  # an index is an embeddings file, of the embed stage or of `imgembed index`
 
-    embeddings: np.ndarray  # N x D float32, L2-normalised
-    labels: np.ndarray  # N int64, positions in class_names
-    class_names: list[str]
-    paths: list[str]  # relative to root (POSIX separators)
-    root: Path | None = None  # where the paths start; None when unknown
 
-    @property
-    def dim(self) -> int:
-        return int(self.embeddings.shape[1])
-
-    def class_of(self, i: int) -> str:
-        label = int(self.labels[i])
-        return self.class_names[label] if 0 <= label < len(self.class_names) else ""
-
-    def location(self, i: int) -> str:
-        """The path to show: under root (relative to the working folder when inside it) if known."""
-        if self.root is None:
-            return self.paths[i]
-        return display_path(self.root / self.paths[i])
+def location(index: Index, i: int) -> str:
+    """The path to show: under root (relative to the working folder when inside it) if known."""
+    if index.root is None:
+        return index.paths[i]
+    return display_path(index.root / index.paths[i])
 
 
 def display_path(path: Path) -> str:
@@ -279,47 +207,15 @@ def guess_root(index_file: Path) -> Path | None:
 
 def load_index(path: Path, root: Path | None = None) -> Index:
     """Read an embeddings .npz; `root` (else the one recorded, else a guess) anchors its paths."""
-    path = Path(path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [key for key in ("embeddings", "labels", "class_names", "paths") if key not in data.files]
-            if missing:
-                raise UserError(f"{path}: not an embeddings index (missing {', '.join(missing)}); "
-                                "make one with `imgembed index FOLDER` or the embed stage")
-            index = Index(
-                embeddings=np.asarray(data["embeddings"], dtype=np.float32),
-                labels=np.asarray(data["labels"], dtype=np.int64),
-                class_names=[str(c) for c in data["class_names"]],
-                paths=[str(p) for p in data["paths"]],
-                root=Path(str(data["root"])) if "root" in data.files else None,
-            )
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such index file; build one with `imgembed index FOLDER --model M -o {path}`") from None
-    except (OSError, ValueError, EOFError) as err:  # not a zip / truncated / pickled objects
-        raise UserError(f"{path}: not a readable embeddings .npz ({str(err).strip().splitlines()[0][:200]})") from None
-    if index.embeddings.ndim != 2 or len(index.labels) != len(index.embeddings) or len(index.paths) != len(index.embeddings):
-        raise UserError(f"{path}: inconsistent index (embeddings {index.embeddings.shape}, "
-                        f"{len(index.labels)} labels, {len(index.paths)} paths)")
+    index = read_embeddings(path, if_missing=f"no such index file; build one with `imgembed index FOLDER --model M -o {path}`",
+                            kind="embeddings .npz")
     if len(index.paths) == 0:
         raise UserError(f"{path}: the index is empty")
     if root is not None:
         index.root = Path(root)
     elif index.root is None:
-        index.root = guess_root(path)
+        index.root = guess_root(Path(path))
     return index
-
-
-def write_index(path: Path, index: Index) -> None:
-    """Atomically, in the embed stage's format; `root` is added when known."""
-    arrays: dict[str, np.ndarray] = dict(
-        embeddings=index.embeddings.astype(np.float32), labels=index.labels.astype(np.int64),
-        class_names=np.array(index.class_names, dtype=str), paths=np.array(index.paths, dtype=str),
-    )
-    if index.root is not None:
-        arrays["root"] = np.array(str(index.root))
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:  # np.savez would append .npz to a bare temp name
-            np.savez(handle, **arrays)
 
 
 def check_dims(index: Index, info: dict[str, Any], index_file: Path, model_dir: Path) -> None:
@@ -332,7 +228,10 @@ def check_dims(index: Index, info: dict[str, Any], index_file: Path, model_dir: 
 
 def build_index(folder: Path, model_dir: Path, output: Path, batch_size: int = 64, device: str = "auto",
                 workers: int = 0, skip_unreadable: bool = False) -> Index:
-    """Embed every image below `folder`; class = name of the image's parent folder ('' at the top)."""
+    """Embed every image below `folder`; class = name of the image's parent folder ('' at the top).
+
+    Reads the images and model_dir (embedding_net.pt, model.json); writes `output`, an embeddings
+    file (imgembed.artifacts) that records `folder` as its root."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder")
@@ -351,7 +250,7 @@ def build_index(folder: Path, model_dir: Path, output: Path, batch_size: int = 6
     lookup = {name: i for i, name in enumerate(class_names)}
     index = Index(embeddings=embeddings, labels=np.array([lookup[n] for n in names], dtype=np.int64),
                   class_names=class_names, paths=[p.as_posix() for p in rel], root=Path(os.path.abspath(folder)))
-    write_index(output, index)
+    write_embeddings(output, index.embeddings, index.labels, index.class_names, index.paths, index.root)
     log.info("wrote %s: %d images, %d classes, %d-d embeddings", output, len(rel), len(class_names), index.dim)
     return index
 
@@ -363,32 +262,9 @@ def faiss_available() -> bool:
 
 
 def exact_neighbours(queries: np.ndarray, index: np.ndarray, k: int, chunk_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """(distances, indices), each Q x min(k, N): exact Euclidean search in blocks of queries.
-
-    Blocks hold at most MAX_BLOCK_FLOATS distances, so a large index never needs a Q x N
-    matrix; ties in distance go to the earlier index item, like imgembed.metrics.
-    """
-    x = torch.as_tensor(np.ascontiguousarray(index, dtype=np.float32))
-    q_all = torch.as_tensor(np.ascontiguousarray(queries, dtype=np.float32))
-    n, m = x.shape[0], q_all.shape[0]
-    k = min(k, n)
-    out_i = np.empty((m, k), dtype=np.int64)
-    sq = (x * x).sum(1)
-    step = max(1, min(chunk_size, MAX_BLOCK_FLOATS // max(n, 1)))
-    with torch.no_grad():
-        for start in range(0, m, step):
-            q = q_all[start : start + step]
-            dist = (q * q).sum(1)[:, None] + sq[None, :] - 2.0 * (q @ x.T)
-            dist.clamp_(min=0)
-            if n <= 4096:
-                order = torch.sort(dist, dim=1, stable=True).indices[:, :k]
-            else:  # topk does not order ties; re-sort the selected block by (distance, index)
-                _, cand = torch.topk(dist, k, dim=1, largest=False)
-                cand, _ = torch.sort(cand, dim=1)
-                sel = torch.gather(dist, 1, cand)
-                order = torch.gather(cand, 1, torch.sort(sel, dim=1, stable=True).indices)
-            out_i[start : start + q.shape[0]] = order.numpy()
-    return _refine(queries, index, out_i)
+    """(distances, indices), each Q x min(k, N): the exact search of imgembed.metrics (ties to
+    the earlier index item), then the distances of the neighbours it found."""
+    return _refine(queries, index, nearest_neighbours(queries, index, k, chunk_size=chunk_size))
 
 
 def _refine(queries: np.ndarray, index: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -446,7 +322,10 @@ def nearest(queries: np.ndarray, index: np.ndarray, k: int, backend: str = "auto
 def search(model_dir: Path, index_file: Path, inputs: Sequence[Path], k: int = 5, batch_size: int = 64,
            device: str = "auto", backend: str = "auto", root: Path | None = None, workers: int = 0,
            skip_unreadable: bool = False) -> dict[str, Any]:
-    """Embed the query images and find their k nearest index items; a JSON-ready result."""
+    """Embed the query images and find their k nearest index items; a JSON-ready result.
+
+    Reads model_dir (embedding_net.pt, model.json), the index (an embeddings file) and the
+    query images; writes nothing."""
     if k < 1:
         raise UserError(f"-k {k}: ask for at least one neighbour")
     net, info = load_model(model_dir)
@@ -460,7 +339,7 @@ def search(model_dir: Path, index_file: Path, inputs: Sequence[Path], k: int = 5
     for row, position in enumerate(kept):
         neighbours = [
             {"rank": rank + 1, "distance": round(float(distances[row, rank]), 6), "class": index.class_of(i),
-             "path": index.location(i), "index": int(i)}
+             "path": location(index, i), "index": int(i)}
             for rank, i in enumerate(ids[row].tolist())
         ]
         results.append({"query": display_path(queries[position]), "neighbours": neighbours})

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import logging
 import lzma
-import os
 import shutil
 import stat
-import tempfile
 import unicodedata
 import warnings
 import zipfile
@@ -25,13 +23,12 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from imgembed.data import SPLITS, to_rgb
+from imgembed.data import IMAGE_SUFFIXES, MANIFEST, SPLITS, to_rgb
 from imgembed.errors import UserError
-from imgembed.files import write_json
+from imgembed.files import FolderSwap, write_json
 
 log = logging.getLogger("imgembed")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 _RATIO_MIN_BYTES = 1 << 20  # tiny files compress extremely well for innocent reasons
 _METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
 # What a damaged archive raises while an entry is read: bad CRC, bad deflate/bzip2/lzma stream, short read.
@@ -146,26 +143,24 @@ def _extract(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budg
 
 
 def unpack_dataset(zip_path: Path, output: Path, unpack_cfg: dict[str, Any]) -> dict[str, Any]:
-    """Validate and extract `zip_path` into `output` (replaced only on success); return the manifest."""
+    """Reads the dataset zip; writes `output` (the images and manifest.json), replaced only on
+    success, and returns the manifest."""
     zip_path, output = Path(zip_path), Path(output)
+    swap = dataset_swap(output)
     if output.parent.is_dir():
-        _remove_leftovers(output)
+        swap.recover()
     if not zip_path.is_file():
         raise UserError(f"{zip_path}: file not found")
     try:
         archive = zipfile.ZipFile(zip_path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as err:
         raise UserError(f"{zip_path}: not a valid zip file ({err}); it may be truncated or not a zip") from None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.unpack-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the dataset folder should not be
+    tmp = swap.make_staging()
     try:
         with archive:
             manifest = _unpack_into(archive, zip_path, tmp, unpack_cfg)
-        write_json(tmp / "manifest.json", manifest)
-        _replace_dir(tmp, output)
+        write_json(tmp / MANIFEST, manifest)  # written last: a staging folder with a manifest is whole
+        swap.swap(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -177,36 +172,15 @@ def unpack_dataset(zip_path: Path, output: Path, unpack_cfg: dict[str, Any]) -> 
     return manifest
 
 
-def _remove_leftovers(output: Path) -> None:
-    """Temporary folders of an unpack that was killed (SIGKILL, power loss) before it could clean up.
-
-    A kill between the two renames of `_replace_dir` leaves the previous dataset only as `.D.old-*`:
-    it is put back rather than deleted.
-    """
-    for pattern in (f".{output.name}.unpack-*", f".{output.name}.old-*"):
-        for leftover in sorted(output.parent.glob(pattern)):
-            if not leftover.is_dir():
-                continue
-            if ".old-" in leftover.name and not output.exists() and (leftover / "manifest.json").is_file():
-                log.info("restoring %s from %s, left by an interrupted unpack", output, leftover)
-                leftover.rename(output)
-            else:
-                log.info("removing %s, left over by an interrupted unpack", leftover)
-                shutil.rmtree(leftover, ignore_errors=True)
+def dataset_swap(output: Path) -> FolderSwap:
+    """How data/D is replaced: extracted into .D.unpack-*, swapped in once manifest.json is written."""
+    return FolderSwap(output, MANIFEST, staging_prefix=f".{output.name}.unpack-", old_prefix=f".{output.name}.old-")
 
 
-def _replace_dir(new: Path, output: Path) -> None:
-    """Swap `new` into place; the previous dataset is removed only after the swap."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{new.name[-8:]}")
-        output.rename(old)
-    new.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _unpack_into(archive: zipfile.ZipFile, zip_path: Path, tmp: Path, unpack_cfg: dict[str, Any]) -> dict[str, Any]:
+def _checked_entries(archive: zipfile.ZipFile, zip_path: Path,
+                     unpack_cfg: dict[str, Any]) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The zip's file entries with their safe relative paths, once every check on names,
+    links, encryption, compression and declared sizes passed."""
     try:
         infos = [i for i in archive.infolist() if not i.is_dir()]
     except (zipfile.BadZipFile, OSError) as err:
@@ -233,7 +207,11 @@ def _unpack_into(archive: zipfile.ZipFile, zip_path: Path, tmp: Path, unpack_cfg
     if blocked:
         raise UserError(f"{zip_path}: entries {blocked[:4]} are both a file and a folder in the zip; rename them")
     check_sizes(zip_path, [i for i, _ in named], unpack_cfg)
+    return named
 
+
+def _unpack_into(archive: zipfile.ZipFile, zip_path: Path, tmp: Path, unpack_cfg: dict[str, Any]) -> dict[str, Any]:
+    named = _checked_entries(archive, zip_path, unpack_cfg)
     drop = strip_wrapping_folder([p for _, p in named])
     skipped: list[dict[str, str]] = []
     keep: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
