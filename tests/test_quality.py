@@ -1,4 +1,4 @@
-"""The seed preset, the baseline rows and the quality bench (tiny settings, CPU, about a minute)."""
+"""The siamese-triplet preset, the baseline rows and the quality bench (tiny settings, CPU, about a minute)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from imgembed.unpack import unpack_dataset
 CONFIG = ROOT / "config" / "config.yaml"
 
 
-def test_seed_preset_validates_and_is_the_seed_recipe():
-    cfg = load_config([CONFIG, ROOT / "config" / "seed.yaml"])
+def test_siamese_triplet_preset_validates_and_is_that_recipe():
+    cfg = load_config([CONFIG, ROOT / "config" / "siamese_triplet.yaml"])
     model, data, train = cfg["model"], cfg["data"], cfg["train"]
     assert model["freeze_backbone"] and model["head"] == "mlp" and model["head_hidden"] == [712, 256]
     assert model["normalize"] is False and data["augment"] is False
@@ -46,8 +46,8 @@ def test_freeze_batchnorm_auto_follows_pretrained():
     assert resolve_model_cfg({**model, "pretrained": True, "freeze_batchnorm": False})["freeze_batchnorm"] is False
 
 
-def test_guie_preset_validates_alone_and_with_the_seed():
-    cfg = load_config([CONFIG, ROOT / "config" / "guie.yaml", ROOT / "config" / "seed.yaml"])
+def test_guie_preset_validates_alone_and_with_siamese_triplet():
+    cfg = load_config([CONFIG, ROOT / "config" / "guie.yaml", ROOT / "config" / "siamese_triplet.yaml"])
     assert cfg["datasets"] == ["baseline_split"] and cfg["model"]["backbone"] == "efficientnet_b3"
     assert cfg["model"]["pretrained"] and cfg["model"]["image_size"] == 224 and cfg["model"]["embedding_dim"] == 64
     assert load_config([CONFIG, ROOT / "config" / "guie.yaml"])["train"]["miner"] != "random"
@@ -111,8 +111,8 @@ def test_bench_quality_end_to_end(tmp_path):
     assert lines[-1].startswith("RATIO quality ")
     float(lines[-1].split()[-1])
     rows = {row["row"]: row for row in json.loads((tmp_path / "rows.json").read_text())}
-    assert set(rows) == {"raw_pixels", "backbone", "backbone_pca", "seed", "default"}
-    assert rows["seed"]["epochs"] == 1 and rows["default"]["epochs"] == 1  # train.max_seconds stopped both
+    assert set(rows) == {"raw_pixels", "backbone", "backbone_pca", "siamese_triplet", "default"}
+    assert rows["siamese_triplet"]["epochs"] == 1 and rows["default"]["epochs"] == 1  # train.max_seconds stopped both
     assert all(0 <= row["map_at_5"] <= 1 for row in rows.values())
 
 
