@@ -6,7 +6,7 @@
 Unpacks the zip into a temporary folder and reports, on its test split (leave-one-out, as the
 evaluate stage does):
 
-* baselines without training: raw pixels, the untrained backbone's pooled features and
+* baselines without training: raw pixels, the backbone's pooled features before training and
   their PCA to embedding_dim (see imgembed.baseline);
 * each recipe (``siamese_triplet`` = config/config.yaml + config/siamese_triplet.yaml, ``default`` =
   config/config.yaml), trained with the same budget: a one-epoch probe times set-up and one
@@ -107,7 +107,8 @@ def common_overrides(args: argparse.Namespace, data_dir: Path, configs: list[Pat
                              "weights": str(args.weights.resolve()) if args.weights else None}
     if args.embedding_dim:
         model["embedding_dim"] = args.embedding_dim
-    return {"model": model, "data": {"classes_per_batch": min(cfg["data"]["classes_per_batch"], classes)}}
+    per_batch = cfg["data"]["classes_per_batch"]  # auto adapts to the data by itself
+    return {"model": model, "data": {"classes_per_batch": per_batch if per_batch == "auto" else min(per_batch, classes)}}
 
 
 def train_recipe(name: str, files: list[Path], args: argparse.Namespace, data_dir: Path, work: Path,

@@ -192,7 +192,7 @@ def test_dvc_repro_and_experiment(tmp_path):
     untouched = {p: (project / p).stat().st_mtime_ns for p in ("data/sample.zip", "data/tiny/manifest.json")}
 
     # One training setting changed: train and everything after it reruns; sample, unpack and
-    # the untrained baseline (which reads only train.seed and train.mixed_precision) don't.
+    # the no-training baseline (which reads only train.seed and train.mixed_precision) don't.
     untouched["reports/tiny/baseline.json"] = (project / "reports/tiny/baseline.json").stat().st_mtime_ns
     exp = run(project, env, "dvc", "exp", "run", "-S", "config/config.yaml:train.lr=0.002", "dvc.yaml")
     assert ran_stages(exp) == {f"{name}@tiny" for name in ("train", "embed", "evaluate", "plot")}

@@ -119,11 +119,33 @@ def test_bench_quality_end_to_end(tmp_path):
 def test_augment_auto_follows_pretrained():
     from imgembed.train import resolve_data_cfg
 
-    data = load_config()["data"]
+    data, labels = load_config()["data"], np.repeat(np.arange(10), 5)
     assert data["augment"] == "auto"
-    assert resolve_data_cfg(data, {"pretrained": True})["augment"] is True
-    assert resolve_data_cfg(data, {"pretrained": False})["augment"] is False
-    assert resolve_data_cfg({**data, "augment": True}, {"pretrained": False})["augment"] is True
+    assert resolve_data_cfg(data, {"pretrained": True}, labels)["augment"] is True
+    assert resolve_data_cfg(data, {"pretrained": False}, labels)["augment"] is False
+    assert resolve_data_cfg({**data, "augment": True}, {"pretrained": False}, labels)["augment"] is True
+
+
+@pytest.mark.parametrize(("class_sizes", "expected"), [
+    ([100] * 10, (8, 4)),  # the sample digits: the 8 x 4 batches it always had
+    ([30] * 5, (5, 4)),  # a first small dataset of 5 classes
+    ([30, 30, 3], (3, 3)),  # the smallest class fills only 3 places without repeating an image
+    ([2, 50], (2, 2)),
+])
+def test_batch_layout_auto_adapts_to_the_training_split(class_sizes, expected):
+    from imgembed.train import resolve_data_cfg
+
+    labels = np.repeat(np.arange(len(class_sizes)), class_sizes)
+    data = resolve_data_cfg(load_config()["data"], {"pretrained": False}, labels)
+    assert (data["classes_per_batch"], data["samples_per_class"]) == expected
+
+
+def test_explicit_batch_layout_is_kept():
+    from imgembed.train import resolve_data_cfg
+
+    data = {**load_config()["data"], "classes_per_batch": 3, "samples_per_class": 6}
+    resolved = resolve_data_cfg(data, {"pretrained": False}, np.repeat(np.arange(5), 4))
+    assert (resolved["classes_per_batch"], resolved["samples_per_class"]) == (3, 6)
 
 
 def test_transform_refuses_unresolved_augment():

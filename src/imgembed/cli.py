@@ -64,6 +64,12 @@ def _plot(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     plot_embeddings(args.embeddings, args.data, args.output, cfg)
 
 
+def _charts(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from imgembed.charts import write_charts
+
+    write_charts(args.live_dir, args.model_info, args.reports, args.output)
+
+
 def _search(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     import json
 
@@ -115,13 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("embeddings", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="report folder for metrics.json and per_class.json")
     p.add_argument("--baseline", type=Path, help="baseline.json (from `imgembed baseline`) to compare with, in the log and baseline_comparison.json")
-    p = stage("baseline", _baseline, "retrieval without training: raw pixels, untrained backbone features, and their PCA")
+    p = stage("baseline", _baseline, "retrieval without training: raw pixels, the backbone's features before training, and their PCA")
     p.add_argument("data", type=Path, help="unpacked dataset folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="JSON file to write, e.g. reports/sample/baseline.json")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: %(default)s)")
     p = stage("plot", _plot, "embedding projection and retrieval gallery")
     p.add_argument("embeddings", type=Path)
     p.add_argument("--data", type=Path, required=True, help="unpacked dataset folder (for the gallery images)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="plots folder")
+
+    p = stage("charts", _charts, "training curves, did-training-help and per-class charts, and the test metrics table",
+              config=False)
+    p.add_argument("reports", type=Path, help="report folder with metrics.json, per_class.json, baseline_comparison.json")
+    p.add_argument("--live-dir", type=Path, required=True, help="DVCLive folder of the training run, e.g. reports/sample/train")
+    p.add_argument("--model-info", type=Path, required=True, help="model.json of the trained model (best epoch)")
     p.add_argument("-o", "--output", type=Path, required=True, help="plots folder")
 
     def model_options(p: argparse.ArgumentParser) -> None:

@@ -58,5 +58,6 @@ def all_outputs(datasets):
             f"reports/{name}/metrics.json",
             f"reports/{name}/plots/embedding.png",
             f"reports/{name}/plots/retrievals.png",
+            f"reports/{name}/plots/training.png",
         )
     ]
