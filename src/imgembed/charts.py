@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from imgembed.errors import UserError  # noqa: E402
 from imgembed.files import atomic_path  # noqa: E402
@@ -73,18 +74,19 @@ def epoch_numbers(count: int, epochs_trained: int) -> list[int]:
     return list(range(first, first + count))
 
 
-def training_verdict(rows: dict[str, dict[str, Any]], key: str = "map_at_5") -> str:
-    """One sentence: does the trained model beat every row that had no training, on `key`?"""
-    trained = rows["trained"][key]
+def training_verdict(rows: dict[str, dict[str, Any]]) -> str:
+    """One sentence: does the trained model beat, on mP@5, every row that had no training?"""
+    trained = rows["trained"]["map_at_5"]
     others = {name: row for name, row in rows.items() if name != "trained"}
     if not others:
-        return f"trained model: {key} {trained:.3f} (no rows without training to compare)"
-    best_name = max(others, key=lambda name: others[name][key])
-    best = others[best_name]
-    label = best.get("label", best_name)
-    if trained > best[key]:
-        return f"yes: the trained model's mP@5 {trained:.3f} beats the best row without training ({label}, {best[key]:.3f})"
-    return f"no: the trained model's mP@5 {trained:.3f} does not beat {label} ({best[key]:.3f})"
+        return f"the trained model's mP@5 is {trained:.3f} (no rows without training to compare)"
+    best = max(others.values(), key=lambda row: row["map_at_5"])
+    label, score = best.get("label", "?"), best["map_at_5"]
+    if trained > score:
+        return f"yes: the trained model's mP@5 {trained:.3f} beats the best row without training ({label}, {score:.3f})"
+    if trained == score:
+        return f"not on mP@5: the trained model's {trained:.3f} only ties with {label}"
+    return f"no: the trained model's mP@5 {trained:.3f} is below {label} ({score:.3f})"
 
 
 def worst_classes_first(per_class: dict[str, float], limit: int = MAX_CLASS_BARS) -> list[tuple[str, float]]:
@@ -106,7 +108,7 @@ def plot_training(live_dir: Path, model_info: dict[str, Any], path: Path) -> Non
     values = {name: read_live_tsv(metrics_dir / f"{name}.tsv") for name in CURVES}
     epochs_trained = int(model_info.get("epochs", len(values["val/map_at_5"])))
     best = model_info.get("best_epoch")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True, layout="constrained")  # readable when scaled down
     panels = [(axes[0], ("train/loss", "val/loss"), "loss (lower is better)"),
               (axes[1], ("val/precision_at_1", "val/map_at_5"), "validation retrieval (higher is better)"),
               (axes[2], ("train/lr",), "learning rate")]
@@ -116,10 +118,11 @@ def plot_training(live_dir: Path, model_info: dict[str, Any], path: Path) -> Non
             ax.plot(epoch_numbers(len(ys), epochs_trained), ys, style, label=CURVES[name], markersize=4)
         if best is not None:
             ax.axvline(best, color="black", linestyle=":", linewidth=1.5, label=f"best epoch ({best}), exported")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
+        ax.set_title(title, fontsize=10, loc="left")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("epoch")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     headline = f"Training: {epochs_trained} epochs"
     if best is not None:
         headline += f", best val mP@5 {model_info.get('best_val_map_at_5', float('nan')):.3f} at epoch {best}"
@@ -138,7 +141,7 @@ def plot_comparison(rows: dict[str, dict[str, Any]], path: Path) -> None:
     for k, ((key, short), hatch) in enumerate(zip(keys, ("", "//", ".."))):
         ys = [i + (k - 1) * height for i in range(len(names))]
         values = [rows[name][key] for name in names]
-        bars = ax.barh(ys, values, height=height, label=short, hatch=hatch, edgecolor="white")
+        bars = ax.barh(ys, values, height=height, hatch=hatch, edgecolor="white")
         for bar, value in zip(bars, values):
             ax.text(value + 0.005, bar.get_y() + bar.get_height() / 2, f"{short} {value:.3f}", va="center", fontsize=7)
     ax.set_yticks(range(len(names)), [rows[name].get("label", name) for name in names])
@@ -146,7 +149,6 @@ def plot_comparison(rows: dict[str, dict[str, Any]], path: Path) -> None:
     ax.invert_yaxis()  # trained model on top
     ax.set_xlim(0, 1.12)
     ax.set_xlabel("score on the test split (1 = every neighbour of the query's class)")
-    ax.legend(loc="lower right", fontsize=8)
     ax.set_title(f"Did training help? {training_verdict(rows)}", fontsize=9, loc="left")
     save_figure(fig, path)
 
@@ -164,14 +166,15 @@ def plot_per_class(per_class: dict[str, float], path: Path) -> None:
     ax.set_xlim(0, 1.1)
     ax.set_xlabel("P@1: share of the class's test images whose nearest neighbour has the same class")
     more = f" (the worst {len(shown)} of {len(per_class)})" if len(shown) < len(per_class) else ""
-    ax.set_title(f"Per-class P@1, worst first{more}", fontsize=10, loc="left")
+    ax.set_title(f"Per-class P@1, worst class at the top{more}", fontsize=10, loc="left")
     save_figure(fig, path)
 
 
 def metrics_table_html(metrics: dict[str, Any], model_info: dict[str, Any]) -> str:
     """The test metrics and the exported epoch as one small HTML table (shown in Snakemake's report)."""
     rows = []
-    for key, value in metrics.items():
+    order = [key for key in METRIC_NAMES if key in metrics] + [key for key in metrics if key not in METRIC_NAMES]
+    for key, value in ((key, metrics[key]) for key in order):
         short, meaning = METRIC_NAMES.get(key, (key, ""))
         shown = f"{value:.3f}" if isinstance(value, float) else str(value)
         rows.append((short, shown, meaning))
