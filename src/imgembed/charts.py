@@ -149,7 +149,7 @@ def plot_comparison(rows: dict[str, dict[str, Any]], path: Path) -> None:
     ax.invert_yaxis()  # trained model on top
     ax.set_xlim(0, 1.12)
     ax.set_xlabel("score on the test split (1 = every neighbour of the query's class)")
-    ax.set_title(f"Did training help? {training_verdict(rows)}", fontsize=9, loc="left")
+    ax.set_title(f"Did training help?\n{training_verdict(rows)}", fontsize=10, loc="left")
     save_figure(fig, path)
 
 
