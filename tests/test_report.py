@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,12 +59,22 @@ def test_report_of_a_five_class_run(tmp_path):
 
 
 def test_unlock_works_as_snakemake_tells_it(tmp_path):
-    """After a killed run Snakemake says to run `snakemake --unlock`; that exact command works."""
+    """A snakemake run killed outright leaves its lock; the next run says to use `--unlock`, and
+    that exact command works (it needs the core count, which the default profile gives)."""
     project = copy_project(tmp_path / "project")
-    (project / ".snakemake" / "locks").mkdir(parents=True)
-    (project / ".snakemake" / "locks" / "0.input.lock").write_text(str(project / "data/sample.zip") + "\n")
-    locked = subprocess.run([sys.executable, "-m", "snakemake", "-n"], cwd=project, capture_output=True, text=True,
-                            timeout=300)
+    target = "data/sample.zip"
+    started = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "1", target], cwd=project,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (project / "logs" / "sample.log").exists():  # the job runs: the lock is taken
+        assert started.poll() is None and time.monotonic() < deadline, "the sample job did not start"
+        time.sleep(0.2)
+    os.killpg(started.pid, signal.SIGKILL)  # power loss, OOM killer, CI timeout
+    started.wait()
+
+    locked = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", target], cwd=project, capture_output=True,
+                            text=True, timeout=300)
     assert locked.returncode != 0 and "--unlock" in locked.stdout + locked.stderr
     run(project, "--unlock")
-    run(project, "-n")
+    run(project, target)
+    assert (project / target).is_file()
