@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         by_name = {r["row"]: r for r in rows}
         if "siamese_triplet" in by_name and "default" in by_name:
-            print(f"RATIO quality {by_name['default']['map_at_5'] - by_name["siamese_triplet"]['map_at_5']:.4f}")
+            print(f"RATIO quality {by_name['default']['map_at_5'] - by_name['siamese_triplet']['map_at_5']:.4f}")
     finally:
         if tmp is not None:
             tmp.cleanup()
