@@ -220,6 +220,6 @@ def test_dvc_repro_and_experiment(tmp_path):
     assert set(metrics) >= set(METRIC_KEYS)
     # `dvc plots diff` overlays the committed run and the experiment's curves.
     name = run(project, env, "dvc", "exp", "list", "--name-only").split()[0]
-    diff = dvc_json(project, env, "plots", "diff", "HEAD", name, "--targets", "loss (train and val)")
+    diff = dvc_json(project, env, "plots", "diff", "HEAD", name)  # (--targets fails on the directory plot: DVC 3.67)
     revs = {row["rev"] for row in diff["data"]["loss (train and val)"][0]["content"]["data"]["values"]}
     assert revs == {"HEAD", name}
