@@ -1,4 +1,6 @@
-# imgembed: unpack -> train -> embed -> evaluate (beside the untrained baseline) -> plot, for every dataset in config["datasets"].
+# imgembed: unpack -> train -> embed -> evaluate (beside the no-training baseline) -> plot, charts,
+# for every dataset in config["datasets"]. `snakemake --report report.html` then gathers the
+# pictures marked with report() into one page (captions in workflow/report/).
 # Every rule runs one `python -m imgembed <stage>` command; dvc.yaml runs the same commands.
 import os
 import sys
@@ -40,6 +42,10 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/plots.smk"
+include: "workflow/rules/charts.smk"
+
+
+report: "workflow/report/workflow.rst"
 
 
 rule all:

@@ -2,15 +2,15 @@
 
 With model.freeze_backbone: true and data.augment: false, `train_model` computes the backbone
 features of every image once (`cached_features`) and trains only the head on them
-(`FeatureHead`). The seed instead pushed every image through the frozen backbone in every
+(`FeatureHead`). The original pipeline instead pushed every image through the frozen backbone in every
 epoch. This runs `train_model` both ways on the same generated dataset and settings: the
 recomputing run is the same code with `cached_features` replaced by "return the image dataset
 itself" and `FeatureHead` by "the whole network", so each epoch feeds images through the
-frozen backbone (in eval mode, as EmbeddingNet keeps it) exactly as the seed did. Only the
+frozen backbone (in eval mode, as EmbeddingNet keeps it) exactly as the original pipeline did. Only the
 bench patches these names; src/ is unchanged.
 
 Timed per epoch: the training epoch plus its validation (both recompute the backbone in the
-seed's way). The one-off feature extraction of the cached run is reported separately. The
+original pipeline's way). The one-off feature extraction of the cached run is reported separately. The
 runs must also give the same results: the same validation metrics in every epoch and the same
 head weights at the end (compared exactly, with the largest difference printed).
 

@@ -1,4 +1,4 @@
-"""Retrieval quality of the seed's recipe and the default recipe at the same wall-clock budget.
+"""Retrieval quality of the siamese-triplet recipe and the default recipe at the same wall-clock budget.
 
     python bench/bench_quality.py --zip data/sample.zip --backbone tf_efficientnet_lite0 \
         --weights weights/tf_efficientnet_lite0.pth --budget-seconds 150 --image-size 64
@@ -6,15 +6,15 @@
 Unpacks the zip into a temporary folder and reports, on its test split (leave-one-out, as the
 evaluate stage does):
 
-* baselines without training: raw pixels, the untrained backbone's pooled features and
+* baselines without training: raw pixels, the backbone's pooled features before training and
   their PCA to embedding_dim (see imgembed.baseline);
-* each recipe (``seed`` = config/config.yaml + config/seed.yaml, ``default`` =
+* each recipe (``siamese_triplet`` = config/config.yaml + config/siamese_triplet.yaml, ``default`` =
   config/config.yaml), trained with the same budget: a one-epoch probe times set-up and one
   epoch, the real run gets as many epochs as fit (so its learning-rate schedule completes),
   and ``train.max_seconds`` stops it in any case.
 
 Every stage runs as the pipeline runs it (``python -m imgembed train|embed|evaluate``). The
-last line is ``RATIO quality <default map_at_5 minus seed map_at_5>``.
+last line is ``RATIO quality <default map_at_5 minus siamese_triplet map_at_5>``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "config" / "config.yaml"
-RECIPES = {"seed": [ROOT / "config" / "seed.yaml"], "default": []}
+RECIPES = {"siamese_triplet": [ROOT / "config" / "siamese_triplet.yaml"], "default": []}
 MAX_EPOCHS = 500
 
 
@@ -107,7 +107,8 @@ def common_overrides(args: argparse.Namespace, data_dir: Path, configs: list[Pat
                              "weights": str(args.weights.resolve()) if args.weights else None}
     if args.embedding_dim:
         model["embedding_dim"] = args.embedding_dim
-    return {"model": model, "data": {"classes_per_batch": min(cfg["data"]["classes_per_batch"], classes)}}
+    per_batch = cfg["data"]["classes_per_batch"]  # auto adapts to the data by itself
+    return {"model": model, "data": {"classes_per_batch": per_batch if per_batch == "auto" else min(per_batch, classes)}}
 
 
 def train_recipe(name: str, files: list[Path], args: argparse.Namespace, data_dir: Path, work: Path,
@@ -181,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
         by_name = {r["row"]: r for r in rows}
-        if "seed" in by_name and "default" in by_name:
-            print(f"RATIO quality {by_name['default']['map_at_5'] - by_name['seed']['map_at_5']:.4f}")
+        if "siamese_triplet" in by_name and "default" in by_name:
+            print(f"RATIO quality {by_name['default']['map_at_5'] - by_name['siamese_triplet']['map_at_5']:.4f}")
     finally:
         if tmp is not None:
             tmp.cleanup()

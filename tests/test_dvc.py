@@ -23,7 +23,7 @@ from helpers import ROOT, copy_clone, make_dataset_zip
 
 METRIC_KEYS = ("precision_at_1", "map_at_5", "map_at_r", "recall_at_1", "recall_at_5", "recall_at_10")
 LIVE_METRICS = ("train/loss", "val/loss", "val/precision_at_1", "val/map_at_5", "train/lr")
-PIPELINE = ("unpack", "baseline", "train", "embed", "evaluate", "plot")
+PIPELINE = ("unpack", "baseline", "train", "embed", "evaluate", "plot", "charts")
 IMPORT_FILE = "data/baseline_split.zip.dvc"
 
 
@@ -90,6 +90,11 @@ def test_dvc_yaml_declares_metrics_and_plots():
     assert stages["evaluate"]["do"]["metrics"] == [{"reports/${item}/metrics.json": {"cache": False}}]
     assert stages["train"]["do"]["plots"] == [{"reports/${item}/train/plots/metrics": {"x": "step"}}]
     assert stages["plot"]["do"]["plots"] == ["reports/${item}/plots/embedding.png", "reports/${item}/plots/retrievals.png"]
+    assert stages["charts"]["do"]["plots"] == [f"reports/${{item}}/plots/{name}.png" for name in ("training", "comparison", "per_class")]
+    # Top-level plots draw train and val curves together (DVCLive writes them to separate files).
+    combined = {name: spec for entry in dvc_yaml["plots"] for name, spec in entry.items()}
+    assert list(combined["loss (train and val)"]["y"]) == [
+        "reports/${datasets[0]}/train/plots/metrics/train/loss.tsv", "reports/${datasets[0]}/train/plots/metrics/val/loss.tsv"]
     declared = json.dumps(stages)
     assert "checkpoints" not in declared  # left to train.py, so they survive a failed run
     assert "${train.accelerate}" in stages["train"]["do"]["cmd"]
@@ -152,6 +157,10 @@ def check_outputs(project: Path, env: dict[str, str], shape: dict) -> None:
     drawn = set(plots["data"])
     assert {f"reports/tiny/train/plots/metrics/{name}.tsv" for name in LIVE_METRICS} <= drawn
     assert {"reports/tiny/plots/embedding.png", "reports/tiny/plots/retrievals.png"} <= drawn
+    assert {f"reports/tiny/plots/{name}.png" for name in ("training", "comparison", "per_class")} <= drawn
+    # The combined definitions: train and val loss of the run in one plot.
+    files = {row["filename"] for row in plots["data"]["loss (train and val)"][0]["content"]["data"]["values"]}
+    assert files == {"train/loss.tsv", "val/loss.tsv"}
 
 
 def check_up_to_date(project: Path, env: dict[str, str]) -> None:
@@ -192,10 +201,10 @@ def test_dvc_repro_and_experiment(tmp_path):
     untouched = {p: (project / p).stat().st_mtime_ns for p in ("data/sample.zip", "data/tiny/manifest.json")}
 
     # One training setting changed: train and everything after it reruns; sample, unpack and
-    # the untrained baseline (which reads only train.seed and train.mixed_precision) don't.
+    # the no-training baseline (which reads only train.seed and train.mixed_precision) don't.
     untouched["reports/tiny/baseline.json"] = (project / "reports/tiny/baseline.json").stat().st_mtime_ns
     exp = run(project, env, "dvc", "exp", "run", "-S", "config/config.yaml:train.lr=0.002", "dvc.yaml")
-    assert ran_stages(exp) == {f"{name}@tiny" for name in ("train", "embed", "evaluate", "plot")}
+    assert ran_stages(exp) == {f"{name}@tiny" for name in ("train", "embed", "evaluate", "plot", "charts")}
     assert {p: (project / p).stat().st_mtime_ns for p in untouched} == untouched
     assert (project / "dvc.yaml").read_bytes() == dvc_yaml
     assert len(run(project, env, "dvc", "exp", "list", "--name-only").split()) == 1  # just this one
@@ -209,3 +218,8 @@ def test_dvc_repro_and_experiment(tmp_path):
     (experiment,) = baseline["experiments"]
     metrics = experiment["revs"][0]["data"]["metrics"]["reports/tiny/metrics.json"]["data"]
     assert set(metrics) >= set(METRIC_KEYS)
+    # `dvc plots diff` overlays the committed run and the experiment's curves.
+    name = run(project, env, "dvc", "exp", "list", "--name-only").split()[0]
+    diff = dvc_json(project, env, "plots", "diff", "HEAD", name)  # (--targets fails on the directory plot: DVC 3.67)
+    revs = {row["rev"] for row in diff["data"]["loss (train and val)"][0]["content"]["data"]["values"]}
+    assert revs == {"HEAD", name}

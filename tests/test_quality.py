@@ -1,4 +1,4 @@
-"""The seed preset, the baseline rows and the quality bench (tiny settings, CPU, about a minute)."""
+"""The siamese-triplet preset, the baseline rows and the quality bench (tiny settings, CPU, about a minute)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from imgembed.unpack import unpack_dataset
 CONFIG = ROOT / "config" / "config.yaml"
 
 
-def test_seed_preset_validates_and_is_the_seed_recipe():
-    cfg = load_config([CONFIG, ROOT / "config" / "seed.yaml"])
+def test_siamese_triplet_preset_validates_and_is_that_recipe():
+    cfg = load_config([CONFIG, ROOT / "config" / "siamese_triplet.yaml"])
     model, data, train = cfg["model"], cfg["data"], cfg["train"]
     assert model["freeze_backbone"] and model["head"] == "mlp" and model["head_hidden"] == [712, 256]
     assert model["normalize"] is False and data["augment"] is False
@@ -46,8 +46,8 @@ def test_freeze_batchnorm_auto_follows_pretrained():
     assert resolve_model_cfg({**model, "pretrained": True, "freeze_batchnorm": False})["freeze_batchnorm"] is False
 
 
-def test_guie_preset_validates_alone_and_with_the_seed():
-    cfg = load_config([CONFIG, ROOT / "config" / "guie.yaml", ROOT / "config" / "seed.yaml"])
+def test_guie_preset_validates_alone_and_with_siamese_triplet():
+    cfg = load_config([CONFIG, ROOT / "config" / "guie.yaml", ROOT / "config" / "siamese_triplet.yaml"])
     assert cfg["datasets"] == ["baseline_split"] and cfg["model"]["backbone"] == "efficientnet_b3"
     assert cfg["model"]["pretrained"] and cfg["model"]["image_size"] == 224 and cfg["model"]["embedding_dim"] == 64
     assert load_config([CONFIG, ROOT / "config" / "guie.yaml"])["train"]["miner"] != "random"
@@ -111,19 +111,41 @@ def test_bench_quality_end_to_end(tmp_path):
     assert lines[-1].startswith("RATIO quality ")
     float(lines[-1].split()[-1])
     rows = {row["row"]: row for row in json.loads((tmp_path / "rows.json").read_text())}
-    assert set(rows) == {"raw_pixels", "backbone", "backbone_pca", "seed", "default"}
-    assert rows["seed"]["epochs"] == 1 and rows["default"]["epochs"] == 1  # train.max_seconds stopped both
+    assert set(rows) == {"raw_pixels", "backbone", "backbone_pca", "siamese_triplet", "default"}
+    assert rows["siamese_triplet"]["epochs"] == 1 and rows["default"]["epochs"] == 1  # train.max_seconds stopped both
     assert all(0 <= row["map_at_5"] <= 1 for row in rows.values())
 
 
 def test_augment_auto_follows_pretrained():
     from imgembed.train import resolve_data_cfg
 
-    data = load_config()["data"]
+    data, labels = load_config()["data"], np.repeat(np.arange(10), 5)
     assert data["augment"] == "auto"
-    assert resolve_data_cfg(data, {"pretrained": True})["augment"] is True
-    assert resolve_data_cfg(data, {"pretrained": False})["augment"] is False
-    assert resolve_data_cfg({**data, "augment": True}, {"pretrained": False})["augment"] is True
+    assert resolve_data_cfg(data, {"pretrained": True}, labels)["augment"] is True
+    assert resolve_data_cfg(data, {"pretrained": False}, labels)["augment"] is False
+    assert resolve_data_cfg({**data, "augment": True}, {"pretrained": False}, labels)["augment"] is True
+
+
+@pytest.mark.parametrize(("class_sizes", "expected"), [
+    ([100] * 10, (8, 4)),  # the sample digits: the 8 x 4 batches it always had
+    ([30] * 5, (5, 4)),  # a first small dataset of 5 classes
+    ([30, 30, 3], (3, 3)),  # the smallest class fills only 3 places without repeating an image
+    ([2, 50], (2, 2)),
+])
+def test_batch_layout_auto_adapts_to_the_training_split(class_sizes, expected):
+    from imgembed.train import resolve_data_cfg
+
+    labels = np.repeat(np.arange(len(class_sizes)), class_sizes)
+    data = resolve_data_cfg(load_config()["data"], {"pretrained": False}, labels)
+    assert (data["classes_per_batch"], data["samples_per_class"]) == expected
+
+
+def test_explicit_batch_layout_is_kept():
+    from imgembed.train import resolve_data_cfg
+
+    data = {**load_config()["data"], "classes_per_batch": 3, "samples_per_class": 6}
+    resolved = resolve_data_cfg(data, {"pretrained": False}, np.repeat(np.arange(5), 4))
+    assert (resolved["classes_per_batch"], resolved["samples_per_class"]) == (3, 6)
 
 
 def test_transform_refuses_unresolved_augment():

@@ -61,7 +61,7 @@ def check_outputs(project: Path, dataset: str, classes: int, test_images: int, e
         assert 0.0 <= metrics[key] <= 1.0, key
     per_class = json.loads((project / f"reports/{dataset}/per_class.json").read_text())
     assert set(per_class) == set(str(n) for n in names)
-    # The untrained rows beside the trained model, so the report shows whether training helped.
+    # The rows without training beside the trained model, so the report shows whether training helped.
     comparison = json.loads((project / f"reports/{dataset}/baseline_comparison.json").read_text())
     assert list(comparison) == ["trained", "raw_pixels", "backbone", "backbone_pca"]
     assert comparison["trained"]["map_at_5"] == metrics["map_at_5"]

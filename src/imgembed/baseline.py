@@ -4,10 +4,12 @@ Three rows, each evaluated exactly like a trained model (leave-one-out on the L2
 vectors of one split, with imgembed.metrics):
 
 * ``raw_pixels``: the images themselves, resized to a small square and flattened;
-* ``backbone``: the untrained backbone's pooled features (ImageNet weights when
-  model.pretrained is true, else its random initialisation);
+* ``backbone``: the pooled features of the backbone before our training: its pretrained
+  (e.g. ImageNet) weights when model.pretrained is true, else its random initialisation;
 * ``backbone_pca``: the same features reduced to model.embedding_dim with a PCA fitted on the
   training split, i.e. what a trained head of that size has to beat.
+
+Each row carries a ``label`` that says which of these it is in words, for the log and the report.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from PIL import Image
 from sklearn.decomposition import PCA
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from imgembed.artifacts import l2_normalize
 from imgembed.data import ImageDataset, Split, build_transform, load_image, load_split, resolve_num_workers
@@ -35,17 +38,28 @@ RAW_PIXEL_SIZE = 32  # side of the square the raw-pixel row compares (digits are
 METRIC_KEYS = ("precision_at_1", "map_at_5", "map_at_r", "recall_at_1", "recall_at_5", "recall_at_10")
 
 
+def row_label(name: str, pretrained: bool, dim: int | None = None) -> str:
+    """The words for a baseline row: "backbone before training" alone would mean a random
+    network in one run and pretrained weights in another, so the label says which."""
+    start = "pretrained weights" if pretrained else "random init"
+    return {
+        "raw_pixels": "raw pixels (no network)",
+        "backbone": f"backbone before training ({start})",
+        "backbone_pca": f"backbone before training ({start}) + PCA to {dim}-d",
+    }[name]
+
+
 def raw_pixels(split: Split, size: int = RAW_PIXEL_SIZE) -> np.ndarray:
     """N x (size*size*3) float vectors in [0, 1]: each image resized (bicubic) to size x size."""
     rows = []
-    for path in split.paths:
+    for path in tqdm(split.paths, desc="raw pixels", unit="img", mininterval=1):
         image = load_image(split.root / path).resize((size, size), Image.Resampling.BICUBIC)
         rows.append(np.asarray(image, dtype=np.float32).reshape(-1) / 255.0)
     return np.stack(rows) if rows else np.zeros((0, size * size * 3), np.float32)
 
 
 def backbone_features(splits: dict[str, Split], cfg: dict[str, Any], precision: str | None = None) -> dict[str, np.ndarray]:
-    """Pooled features of the untrained backbone for each split, with the eval transform.
+    """Pooled features of the backbone before training, for each split, with the eval transform.
 
     Runs in train.mixed_precision like the trained model's embeddings (fp16 only on a GPU).
     Plain PyTorch rather than an Accelerator, so it can run beside training code in one process.
@@ -66,7 +80,7 @@ def backbone_features(splits: dict[str, Split], cfg: dict[str, Any], precision: 
                             num_workers=resolve_num_workers(data_cfg["num_workers"], device))
         chunks = []
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            for images, _ in loader:
+            for images, _ in tqdm(loader, desc=f"backbone features ({name})", unit="batch", mininterval=1):
                 chunks.append(backbone(images.to(device)).float().cpu())
         out[name] = torch.cat(chunks).numpy() if chunks else np.zeros((0, backbone.num_features), np.float32)
     return out
@@ -109,7 +123,8 @@ def baseline_rows(data_dir: Path, cfg: dict[str, Any], split: str = "test",
             reduced = pca_reduce(features["train"], features[split], cfg["model"]["embedding_dim"])
             result["backbone_pca"] = score(reduced, query.labels, chunk) | what | {"dim": int(reduced.shape[1])}
     for name, metrics in result.items():
-        log.info("baseline %s on %s: P@1 %.3f, mP@5 %.3f, MAP@R %.3f", name, split,
+        metrics["label"] = row_label(name, bool(cfg["model"]["pretrained"]), metrics.get("dim"))
+        log.info("baseline %s on %s: P@1 %.3f, mP@5 %.3f, MAP@R %.3f", metrics["label"], split,
                  metrics["precision_at_1"], metrics["map_at_5"], metrics["map_at_r"])
     return result
 

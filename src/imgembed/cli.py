@@ -8,11 +8,13 @@ code 2; tracebacks are kept for real bugs.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TextIO
 
 from imgembed import __version__
 from imgembed.config import DEFAULT_CONFIG, ConfigError, load_config
@@ -61,6 +63,12 @@ def _plot(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     from imgembed.plots import plot_embeddings
 
     plot_embeddings(args.embeddings, args.data, args.output, cfg)
+
+
+def _charts(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    from imgembed.charts import write_charts
+
+    write_charts(args.live_dir, args.model_info, args.reports, args.output)
 
 
 def _search(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
@@ -126,13 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("embeddings", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, help="report folder for metrics.json and per_class.json")
     p.add_argument("--baseline", type=Path, help="baseline.json (from `imgembed baseline`) to compare with, in the log and baseline_comparison.json")
-    p = stage("baseline", _baseline, "retrieval without training: raw pixels, untrained backbone features, and their PCA")
+    p = stage("baseline", _baseline, "retrieval without training: raw pixels, the backbone's features before training, and their PCA")
     p.add_argument("data", type=Path, help="unpacked dataset folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="JSON file to write, e.g. reports/sample/baseline.json")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate (default: %(default)s)")
     p = stage("plot", _plot, "embedding projection and retrieval gallery")
     p.add_argument("embeddings", type=Path)
     p.add_argument("--data", type=Path, required=True, help="unpacked dataset folder (for the gallery images)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="plots folder")
+
+    p = stage("charts", _charts, "training curves, did-training-help and per-class charts, and the test metrics table",
+              config=False)
+    p.add_argument("reports", type=Path, help="report folder with metrics.json, per_class.json, baseline_comparison.json")
+    p.add_argument("--live-dir", type=Path, required=True, help="DVCLive folder of the training run, e.g. reports/sample/train")
+    p.add_argument("--model-info", type=Path, required=True, help="model.json of the trained model (best epoch)")
     p.add_argument("-o", "--output", type=Path, required=True, help="plots folder")
 
     def model_options(p: argparse.ArgumentParser) -> None:
@@ -161,24 +176,76 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(stage: str, log_file: Path | None) -> None:
-    """Plain lines on stderr (and in --log); only the main process of a distributed run speaks."""
+class LogFileTee(io.TextIOBase):
+    """A stream that writes to the terminal and to the log file, so the log holds everything the
+    stage printed (warnings, progress bars, tracebacks), as Snakemake's --show-failed-logs and CI
+    show it. In the file, a progress bar's redraws (carriage returns) keep only its last state."""
+
+    def __init__(self, terminal: TextIO, log_file: TextIO) -> None:
+        self.terminal, self.log_file, self.pending = terminal, log_file, ""
+
+    def write(self, text: str) -> int:
+        self.terminal.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.log_file.write(line.rsplit("\r", 1)[-1] + "\n")
+        self.log_file.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.terminal.flush()
+        self.log_file.flush()
+
+    def finish(self) -> None:
+        """Write a last line that did not end with a newline."""
+        if self.pending.rsplit("\r", 1)[-1]:
+            self.log_file.write(self.pending.rsplit("\r", 1)[-1] + "\n")
+        self.pending = ""
+
+    def isatty(self) -> bool:
+        return self.terminal.isatty()
+
+    def fileno(self) -> int:
+        return self.terminal.fileno()
+
+
+@contextlib.contextmanager
+def stage_output(stage: str, log_file: Path | None) -> Iterator[None]:
+    """Plain log lines on stderr; with --log, all of stdout and stderr also go to that file (from
+    the main process of a distributed run only: the others stay quiet). Restored on exit."""
     rank = int(os.environ.get("RANK", "0"))
-    fmt = logging.Formatter(f"%(asctime)s imgembed {stage}: %(levelname)s %(message)s", "%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    saved = sys.stdout, sys.stderr
+    file = None
     if log_file is not None and rank == 0:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
-    for handler in handlers:
-        handler.setFormatter(fmt)
-    log.handlers[:] = handlers
+        file = open(log_file, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        sys.stdout, sys.stderr = LogFileTee(sys.stdout, file), LogFileTee(sys.stderr, file)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s imgembed {stage}: %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.propagate = False
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+            if isinstance(stream, LogFileTee):
+                stream.finish()
+        sys.stdout, sys.stderr = saved
+        handler.setStream(sys.stderr)
+        if file is not None:
+            file.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.stage, args.log)
+    with stage_output(args.stage, args.log):
+        return run_stage(args)
+
+
+def run_stage(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.configfile) if args.configfile is not None else {}
         args.func(args, cfg)
@@ -188,4 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return 130
+    except Exception:  # a bug, not a user mistake: keep the whole traceback, in the log file too
+        log.exception("unexpected error in %s", args.stage)
+        return 1
     return 0

@@ -14,8 +14,8 @@ from imgembed.metrics import leave_one_out_neighbours, neighbours_needed, per_cl
 log = logging.getLogger("imgembed")
 
 
-def compare_with_baseline(metrics: dict[str, float], baseline_path: Path) -> dict[str, dict[str, float]]:
-    """Rows {name: P@1, mP@5, MAP@R}: the trained model first, then each baseline of `imgembed baseline`."""
+def compare_with_baseline(metrics: dict[str, float], baseline_path: Path) -> dict[str, dict[str, Any]]:
+    """Rows {name: label, P@1, mP@5, MAP@R}: the trained model first, then each row of `imgembed baseline`."""
     import json
 
     try:
@@ -25,10 +25,11 @@ def compare_with_baseline(metrics: dict[str, float], baseline_path: Path) -> dic
     except json.JSONDecodeError as err:
         raise UserError(f"{baseline_path}: not valid JSON ({err})") from None
     keys = ("precision_at_1", "map_at_5", "map_at_r")
-    rows = {"trained": {k: metrics[k] for k in keys}}
-    rows.update({name: {k: float(row[k]) for k in keys} for name, row in baseline.items()})
-    for name, row in rows.items():
-        log.info("%-14s P@1 %.3f  mP@5 %.3f  MAP@R %.3f", name, row["precision_at_1"], row["map_at_5"], row["map_at_r"])
+    rows: dict[str, dict[str, Any]] = {"trained": {"label": "trained model", **{k: metrics[k] for k in keys}}}
+    rows.update({name: {"label": str(row.get("label", name)), **{k: float(row[k]) for k in keys}}
+                 for name, row in baseline.items()})
+    for row in rows.values():
+        log.info("%-50s P@1 %.3f  mP@5 %.3f  MAP@R %.3f", row["label"], row["precision_at_1"], row["map_at_5"], row["map_at_r"])
     return rows
 
 

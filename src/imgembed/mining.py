@@ -1,7 +1,7 @@
-"""Triplet selection for the seed's recipe, in the tuple format pytorch-metric-learning uses.
+"""Triplet selection for the siamese-triplet recipe, in the tuple format pytorch-metric-learning uses.
 
 The default recipe mines with pytorch-metric-learning's miners; this module only adds what
-that library lacks: the siamese-triplet seed's *random* triplets (one random positive and one
+that library lacks: the siamese-triplet code's *random* triplets (one random positive and one
 random negative per anchor), kept so the original recipe can be reproduced and compared.
 """
 

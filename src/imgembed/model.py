@@ -55,7 +55,7 @@ class EmbeddingNet(nn.Module):
 
 
 def build_head(in_features: int, embedding_dim: int, kind: str, hidden: list[int]) -> nn.Module:
-    """`linear`, or the seed's `mlp` (features -> hidden... -> embedding_dim with PReLU)."""
+    """`linear`, or the original pipeline's `mlp` (features -> hidden... -> embedding_dim with PReLU)."""
     if kind == "linear":
         return nn.Linear(in_features, embedding_dim)
     layers: list[nn.Module] = []
@@ -214,7 +214,7 @@ def export_torchscript(net: EmbeddingNet, image_size: int, path: Path) -> None:
     net = net.eval().float().cpu().to(memory_format=torch.contiguous_format)  # plain NCHW weights in the file
     example = torch.zeros(2, 3, image_size, image_size)
     with torch.no_grad(), warnings.catch_warnings():
-        # torch.jit is deprecated in favour of torch.export, but TorchScript is the seed's format.
+        # torch.jit is deprecated in favour of torch.export, but TorchScript is the original pipeline's format.
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(net, example)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from imgembed.artifacts import Embeddings, read_embeddings  # noqa: E402
 from imgembed.data import load_image  # noqa: E402
@@ -23,6 +27,18 @@ log = logging.getLogger("imgembed")
 MAX_LEGEND = 20
 
 
+class TsneProgress(io.TextIOBase):
+    """Turns scikit-learn's verbose t-SNE lines ("[t-SNE] Iteration 50: ...") into a progress bar."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar = bar
+
+    def write(self, text: str) -> int:
+        for match in re.finditer(r"Iteration (\d+):", text):
+            self.bar.update(int(match.group(1)) - self.bar.n)
+        return len(text)
+
+
 def project_2d(embeddings: np.ndarray, method: str, seed: int) -> np.ndarray:
     if method == "pca" or len(embeddings) < 5:
         from sklearn.decomposition import PCA
@@ -33,11 +49,17 @@ def project_2d(embeddings: np.ndarray, method: str, seed: int) -> np.ndarray:
             import umap
         except ImportError:
             raise UserError("plots.method is umap but umap-learn is not installed; pip install umap-learn, or use tsne or pca") from None
-        return umap.UMAP(n_components=2, random_state=seed).fit_transform(embeddings)
+        return umap.UMAP(n_components=2, random_state=seed, verbose=True).fit_transform(embeddings)  # its own progress bar
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30, max(2, (len(embeddings) - 1) // 3)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(embeddings)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, verbose=2)
+    iterations = getattr(tsne, "max_iter", None) or 1000  # scikit-learn's default number of iterations
+    with tqdm(total=iterations, desc=f"t-SNE of {len(embeddings)} points", unit="it", mininterval=1) as bar, \
+            contextlib.redirect_stdout(TsneProgress(bar)):
+        points = tsne.fit_transform(embeddings)
+        bar.update(bar.total - bar.n)
+    return points
 
 
 def save_figure(fig: plt.Figure, path: Path) -> None:
@@ -91,12 +113,15 @@ def plot_retrievals(data: Embeddings, data_dir: Path, plots_cfg: dict[str, Any],
                 colour, title = "black", f"query\n{classes[labels[index]]}"
             else:
                 right = labels[index] == labels[query]
-                colour, title = ("green" if right else "red"), f"#{col} {classes[labels[index]]}"
+                distance = float(np.linalg.norm(embeddings[index] - embeddings[query]))
+                colour = "green" if right else "red"
+                title = f"#{col} {'✓' if right else '✗'} {classes[labels[index]]}\nd = {distance:.3f}"
             for spine in ax.spines.values():
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(4)
             ax.set_title(title, fontsize=8, color=colour)
-    fig.suptitle(f"Queries (left) and their top-{cols - 1} neighbours: green = same class, red = other class", fontsize=10)
+    fig.suptitle(f"Queries (left) and their {cols - 1} nearest neighbours, nearest first: "
+                 f"✓ = same class (green), ✗ = other class (red); d = distance to the query", fontsize=10)
     save_figure(fig, path)
 
 

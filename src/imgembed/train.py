@@ -254,22 +254,37 @@ def resolve_model_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return model_cfg
 
 
-def resolve_data_cfg(data_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """data.augment `auto`: on for pretrained weights, off for a random init.
+def resolve_data_cfg(data_cfg: dict[str, Any], model_cfg: dict[str, Any], train_labels: np.ndarray) -> dict[str, Any]:
+    """The `auto` data settings, decided here and nowhere else, and logged.
 
-    Measured on the sample digits (efficientnet_b3, 64 px, bench/README.md): from random weights,
-    random crops kept a short run from fitting at all (val mP@5 0.19 after 4 epochs with them,
-    0.54 without; test 0.86 after 8 epochs without), while fine-tuning pretrained weights gained
-    a little from them (test mP@5 0.979 with, 0.974 without).
+    augment: on for pretrained weights, off for a random init. Measured on the sample digits
+    (efficientnet_b3, 64 px, bench/README.md): from random weights, random crops kept a short run
+    from fitting at all (val mP@5 0.19 after 4 epochs with them, 0.54 without; test 0.86 after 8
+    epochs without), while fine-tuning pretrained weights gained a little from them (test mP@5
+    0.979 with, 0.974 without).
+
+    classes_per_batch (P): min(8, training classes), so a first small dataset trains as is.
+    samples_per_class (K): min(4, images in the smallest training class), at least 2. pml's
+    MPerClassSampler draws any class, and repeats the images of a class smaller than K, which
+    would give an anchor copies of itself as positives. Explicit values are used as given
+    (class_balanced_sampler refuses a P above the number of classes).
     """
+    data_cfg = dict(data_cfg)
     if data_cfg["augment"] == "auto":
-        return {**data_cfg, "augment": bool(model_cfg["pretrained"])}
+        data_cfg["augment"] = bool(model_cfg["pretrained"])
+    _, counts = np.unique(train_labels, return_counts=True)
+    if data_cfg["classes_per_batch"] == "auto":
+        data_cfg["classes_per_batch"] = max(2, min(8, len(counts)))
+        log.info("data.classes_per_batch auto: %d (the training split has %d classes)", data_cfg["classes_per_batch"], len(counts))
+    if data_cfg["samples_per_class"] == "auto":
+        data_cfg["samples_per_class"] = max(2, min(4, int(counts.min()) if len(counts) else 4))
+        log.info("data.samples_per_class auto: %d (the smallest training class has %d images)",
+                 data_cfg["samples_per_class"], int(counts.min()) if len(counts) else 0)
     return data_cfg
 
 
 def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     model_cfg, train_cfg = resolve_model_cfg(cfg["model"]), cfg["train"]
-    data_cfg = resolve_data_cfg(cfg["data"], model_cfg)
     require_onnx(model_cfg)  # model.export_onnx without onnx installed: say so now, not after training
     budget_started = time.perf_counter()  # train.max_seconds counts set-up (image and feature caches) too
     accelerator = Accelerator(mixed_precision=train_cfg["mixed_precision"], cpu=distributed_on_cpu())
@@ -280,6 +295,7 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
     set_seed(train_cfg["seed"])
 
     train_split, val_split = load_split(data_dir, "train"), load_split(data_dir, "val")
+    data_cfg = resolve_data_cfg(cfg["data"], model_cfg, train_split.labels)
     net = prefer_channels_last(create_embedding_net(model_cfg), accelerator.device)
     info = describe_model(net, model_cfg, precision)
     use_feature_cache = model_cfg["freeze_backbone"] and not data_cfg["augment"]

@@ -1,4 +1,4 @@
-# Retrieval with no training at all: raw pixels, the untrained backbone's pooled features and
+# Retrieval with no training at all: raw pixels, the backbone's pooled features before training and
 # their PCA to embedding_dim (fitted on train). evaluate puts the trained model beside these
 # rows, so every report shows whether training helped. It reads the training seed (a random
 # backbone is then the one training starts from) and precision, but no other training setting,
@@ -17,7 +17,7 @@ rule baseline:
         },
     log:
         "logs/baseline/{dataset}.log",
-    threads: workflow.cores
+    threads: all_cores()
     resources:
         mem_mb=8000,
     conda:

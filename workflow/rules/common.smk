@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import yaml
+from snakemake.exceptions import WorkflowError
 
 
 wildcard_constraints:
@@ -15,6 +16,16 @@ if workflow.config_settings.config:
         "put them in a YAML file and add it with --configfile"
     )
 
+
+
+def all_cores():
+    """Every core Snakemake was given (--cores), for the rules that use them all. Commands that run
+    no job give none: `snakemake --unlock` after a killed run and `snakemake --report` must work
+    as Snakemake tells users to type them, so they count one core (only job threads depend on it)."""
+    try:
+        return workflow.cores
+    except WorkflowError:
+        return 1
 
 
 def relative_configfiles(extra):
@@ -60,6 +71,7 @@ def all_outputs(datasets):
             f"reports/{name}/metrics.json",
             f"reports/{name}/plots/embedding.png",
             f"reports/{name}/plots/retrievals.png",
+            f"reports/{name}/plots/training.png",
         )
     ]
 

@@ -11,7 +11,7 @@ rule embed:
         settings={k: config[k] for k in ("embed", "data")},
     log:
         "logs/embed/{dataset}.log",
-    threads: workflow.cores
+    threads: all_cores()
     resources:
         mem_mb=8000,
     conda:

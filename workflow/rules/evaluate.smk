@@ -12,7 +12,7 @@ rule evaluate:
         settings=config["evaluate"],
     log:
         "logs/evaluate/{dataset}.log",
-    threads: workflow.cores
+    threads: all_cores()
     resources:
         mem_mb=4000,
     conda:

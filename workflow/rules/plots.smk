@@ -3,8 +3,10 @@ rule plot:
         embeddings="embeddings/{dataset}/test.npz",
         data="data/{dataset}",
     output:
-        embedding="reports/{dataset}/plots/embedding.png",
-        retrievals="reports/{dataset}/plots/retrievals.png",
+        embedding=report("reports/{dataset}/plots/embedding.png", caption="../report/embedding.rst",
+                         category="{dataset}", subcategory="3 embeddings", labels={"figure": "embedding map"}),
+        retrievals=report("reports/{dataset}/plots/retrievals.png", caption="../report/retrievals.rst",
+                          category="{dataset}", subcategory="3 embeddings", labels={"figure": "retrieval gallery"}),
     params:
         configfiles=CONFIGFILES,
         plots_dir="reports/{dataset}/plots",

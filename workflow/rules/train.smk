@@ -7,7 +7,9 @@ rule train:
     output:
         net="models/{dataset}/embedding_net.pt",
         info="models/{dataset}/model.json",
-        live=directory("reports/{dataset}/train"),
+        # DVCLive's folder; its params.yaml (the merged config of the run) goes into the report.
+        live=report(directory("reports/{dataset}/train"), patterns=["{name}.yaml"], caption="../report/config.rst",
+                    category="{dataset}", subcategory="4 config", labels={"figure": "config of the run"}),
     params:
         configfiles=CONFIGFILES,
         model_dir="models/{dataset}",
@@ -15,7 +17,7 @@ rule train:
         accelerate=f"config/accelerate/{config['train']['accelerate']}.yaml",
     log:
         "logs/train/{dataset}.log",
-    threads: workflow.cores
+    threads: all_cores()
     resources:
         gpu=training_gpus(f"config/accelerate/{config['train']['accelerate']}.yaml"),
         mem_mb=16000,
