@@ -39,7 +39,7 @@ from imgembed.model import (EmbeddingNet, create_embedding_net, describe_model, 
 
 log = logging.getLogger("imgembed")
 
-AUTO_HEAD_EPOCHS = 2  # train.head_epochs `auto` with pretrained weights (bench/README.md, Quality)
+AUTO_HEAD_EPOCHS = 2  # train.head_epochs `auto` with pretrained weights: GUIE's schedule (bench/README.md, "Unseen classes")
 
 
 # ---- the maths: schedule ----------------------------------------------------------------
