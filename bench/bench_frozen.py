@@ -114,8 +114,9 @@ def run(args: argparse.Namespace, workdir: Path) -> float:
     print(f"one-off feature extraction of the cached run: {cached['setup']:.2f} s "
           f"(about {cached['setup'] / max(seed['times'][epoch], 1e-9):.2f} recomputing epochs)")
     for a, b in zip(cached["history"], seed["history"]):
-        print(f"epoch {a['epoch']}: val mP@5 cached {a['val/map_at_5']:.6f} recompute {b['val/map_at_5']:.6f}; "
-              f"train loss cached {a['train/loss']:.6f} recompute {b['train/loss']:.6f}")
+        loss = (f"; train loss cached {a['train/loss']:.6f} recompute {b['train/loss']:.6f}"
+                if "train/loss" in a else " (the start, before training)")
+        print(f"epoch {a['epoch']}: val mP@5 cached {a['val/map_at_5']:.6f} recompute {b['val/map_at_5']:.6f}{loss}")
     print(f"identical results: history {'yes' if same_history else 'NO'}, head weights "
           f"{'yes' if same_head else 'NO'} (largest difference {max_diff:.3g})")
     return ratio

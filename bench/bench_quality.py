@@ -13,7 +13,10 @@ evaluate stage does):
   epoch, the real run gets as many epochs as fit (so its learning-rate schedule completes),
   and ``train.max_seconds`` stops it in any case.
 
-Every stage runs as the pipeline runs it (``python -m imgembed train|embed|evaluate``). The
+Every stage runs as the pipeline runs it (``python -m imgembed train|embed|evaluate``).
+``--unseen`` first rewrites the zip so that val/test classes never appear in train
+(bench/unseen_classes.py); ``--seeds`` trains each recipe once per seed and reports the mean
+and the spread (max - min). Each trained row shows its mP@5 minus the untrained backbone's. The
 last line is ``RATIO quality <default map_at_5 minus siamese_triplet map_at_5>``.
 """
 
@@ -33,6 +36,7 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # unseen_classes.py beside this file
 BASE_CONFIG = ROOT / "config" / "config.yaml"
 RECIPES = {"siamese_triplet": [ROOT / "config" / "siamese_triplet.yaml"], "default": []}
 MAX_EPOCHS = 500
@@ -56,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-probe", action="store_true", help="no timing probe: epochs stay as configured, only the budget stops training")
     p.add_argument("--workdir", type=Path, help="keep all outputs here (default: a temporary folder, removed)")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--unseen", action="store_true",
+                   help="unseen-class protocol: val/test classes disjoint from train (bench/unseen_classes.py)")
+    p.add_argument("--seeds", type=int, nargs="+", help="train.seed values: one run each, mean and spread reported")
     return p.parse_args(argv)
 
 
@@ -140,14 +147,27 @@ def train_recipe(name: str, files: list[Path], args: argparse.Namespace, data_di
     return row
 
 
+def over_seeds(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from a recipe's runs (one per seed): the mean of each figure, the mP@5 spread."""
+    row: dict[str, Any] = {"row": name, "seeds": [r["seed"] for r in runs], "runs": runs}
+    for key in ("precision_at_1", "map_at_5", "map_at_r", "epochs", "best_epoch", "train_s", "images_per_s"):
+        row[key] = sum(r[key] for r in runs) / len(runs)
+    row["map_at_5_spread"] = max(r["map_at_5"] for r in runs) - min(r["map_at_5"] for r in runs)
+    return row
+
+
 def print_table(rows: list[dict[str, Any]], header: str) -> None:
     print(header)
-    print(f"{'row':<16} {'P@1':>6} {'mP@5':>6} {'MAP@R':>6} {'epochs':>6} {'train s':>8} {'train img/s':>11}")
+    untrained = next((r["map_at_5"] for r in rows if r["row"] == "backbone"), None)
+    print(f"{'row':<16} {'P@1':>6} {'mP@5':>6} {'spread':>6} {'vs untrained':>12} {'MAP@R':>6} {'epochs':>6} "
+          f"{'best ep':>7} {'train s':>8} {'seeds':>5}")
     for r in rows:
-        epochs = f"{r['epochs']}" if "epochs" in r else "-"
-        train_s = f"{r['train_s']:.0f}" if "train_s" in r else "-"
-        ips = f"{r['images_per_s']:.1f}" if "images_per_s" in r else "-"
-        print(f"{r['row']:<16} {r['precision_at_1']:6.3f} {r['map_at_5']:6.3f} {r['map_at_r']:6.3f} {epochs:>6} {train_s:>8} {ips:>11}")
+        trained = "epochs" in r
+        delta = f"{r['map_at_5'] - untrained:+.3f}" if trained and untrained is not None else "-"
+        spread = f"{r['map_at_5_spread']:.3f}" if "map_at_5_spread" in r else "-"
+        print(f"{r['row']:<16} {r['precision_at_1']:6.3f} {r['map_at_5']:6.3f} {spread:>6} {delta:>12} {r['map_at_r']:6.3f} "
+              f"{r['epochs'] if trained else '-':>6} {r['best_epoch'] if trained else '-':>7} "
+              f"{r['train_s'] if trained else 0:8.0f} {len(r.get('seeds', [])) or '-':>5}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data_dir = work / "data"
         if not (data_dir / "manifest.json").exists():
-            imgembed("unpack", args.zip.resolve(), "-o", data_dir, configs=[BASE_CONFIG], log_file=log_file)
+            source = args.zip.resolve()
+            if args.unseen:
+                from unseen_classes import write_unseen_zip
+
+                source = work / f"{args.zip.stem}_unseen.zip"
+                write_unseen_zip(args.zip.resolve(), source)
+            imgembed("unpack", source, "-o", data_dir, configs=[BASE_CONFIG], log_file=log_file)
         shared = [write_yaml(work / "shared.yaml", common_overrides(args, data_dir, [BASE_CONFIG, *args.configfile]))]
         rows: list[dict[str, Any]] = []
         if not args.skip_baselines:
@@ -173,11 +199,19 @@ def main(argv: list[str] | None = None) -> int:
             for name, metrics in json.loads(out.read_text()).items():
                 rows.append({"row": name, **metrics})
         for name, files in recipes.items():
-            rows.append(train_recipe(name, files, args, data_dir, work, shared, log_file))
-            print(f"bench_quality: {name}: mP@5 {rows[-1]['map_at_5']:.3f} after {rows[-1]['epochs']} epochs", file=sys.stderr)
+            runs = []
+            for seed in args.seeds or [None]:
+                run_name, extra = name, []
+                if seed is not None:
+                    run_name = f"{name}_seed{seed}"
+                    extra = [write_yaml(work / f"{run_name}.yaml", {"train": {"seed": seed}})]
+                runs.append(train_recipe(run_name, [*files, *extra], args, data_dir, work, shared, log_file) | {"seed": seed})
+                print(f"bench_quality: {run_name}: mP@5 {runs[-1]['map_at_5']:.3f} after {runs[-1]['epochs']} epochs "
+                      f"(best epoch {runs[-1]['best_epoch']})", file=sys.stderr)
+            rows.append(over_seeds(name, runs) if args.seeds else runs[0] | {"row": name})
         weights = args.weights.name if args.weights else ("timm hub" if args.pretrained else "random init")
-        print_table(rows, f"# {args.zip.name}: test split, leave-one-out; {args.backbone} ({weights}), "
-                          f"{args.image_size} px, training budget {args.budget_seconds:g} s per recipe")
+        print_table(rows, f"# {args.zip.name}{' (unseen classes)' if args.unseen else ''}: test split, leave-one-out; "
+                          f"{args.backbone} ({weights}), {args.image_size} px, training budget {args.budget_seconds:g} s per recipe")
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

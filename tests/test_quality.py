@@ -116,6 +116,27 @@ def test_bench_quality_end_to_end(tmp_path):
     assert all(0 <= row["map_at_5"] <= 1 for row in rows.values())
 
 
+def test_bench_quality_unseen_classes_with_seeds(tmp_path):
+    """--unseen trains on half the classes and tests on the others; --seeds gives mean and spread."""
+    zip_path = make_dataset_zip(tmp_path / "tiny.zip", classes=6, per_split={"train": 6, "val": 3, "test": 3})
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--zip", str(zip_path), "--backbone", "test_efficientnet",
+           "--budget-seconds", "0.001", "--image-size", "32", "--configfile", str(TINY_CONFIG), "--no-probe",
+           "--only", "default", "--unseen", "--seeds", "1", "2", "--workdir", str(tmp_path / "work"),
+           "--json", str(tmp_path / "rows.json")]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(unseen classes)" in result.stdout and "vs untrained" in result.stdout
+    manifest = json.loads((tmp_path / "work/data/manifest.json").read_text())
+    train_labels = {item["label"] for item in manifest["splits"]["train"]}
+    test_labels = {item["label"] for item in manifest["splits"]["test"]}
+    assert train_labels and test_labels and not train_labels & test_labels
+    rows = {row["row"]: row for row in json.loads((tmp_path / "rows.json").read_text())}
+    default = rows["default"]
+    assert default["seeds"] == [1, 2] and len(default["runs"]) == 2
+    assert default["map_at_5"] == pytest.approx(sum(r["map_at_5"] for r in default["runs"]) / 2)
+    assert default["map_at_5_spread"] == pytest.approx(abs(default["runs"][0]["map_at_5"] - default["runs"][1]["map_at_5"]))
+
+
 def test_augment_auto_follows_pretrained():
     from imgembed.train import resolve_data_cfg
 

@@ -43,13 +43,13 @@ import os, sys, time
 from pathlib import Path
 import imgembed.train as train
 progress = Path(os.environ["PROGRESS_FILE"])
-original = train.TripletObjective.__call__
+original = train.Objective.forward
 def slow(self, embeddings, labels):
     with progress.open("a") as handle:
         handle.write("call\\n")
     time.sleep(float(os.environ.get("STEP_SLEEP", "0")))
     return original(self, embeddings, labels)
-train.TripletObjective.__call__ = slow
+train.Objective.forward = slow
 from imgembed.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -178,7 +178,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path: Path,
         train_module.train_model(data, model_dir, tmp_path / "live", cfg)
     assert "\n" not in str(err.value)
     state = read_state(model_dir)
-    assert state["epoch"] == 1 and len(state["history"]) == 1
+    assert state["epoch"] == 1 and [r["epoch"] for r in state["history"]] == [0, 1]  # 0: the start, scored
     assert json.loads((model_dir / "checkpoints/last/state.json").read_text())["epoch"] == 1
     assert not (model_dir / "embedding_net.pt").exists()
     # The best weights load into a fresh network and give finite embeddings.
@@ -190,7 +190,7 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_checkpoint(tmp_path: Path,
     monkeypatch.setattr(train_module, "run_epoch", original)
     reset_accelerate_state()
     state = train_module.train_model(data, model_dir, tmp_path / "live", cfg)
-    assert state["epoch"] == 3 and [r["epoch"] for r in state["history"]] == [1, 2, 3]
+    assert state["epoch"] == 3 and [r["epoch"] for r in state["history"]] == [0, 1, 2, 3]
     assert (model_dir / "embedding_net.pt").is_file()
 
 

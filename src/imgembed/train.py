@@ -14,32 +14,35 @@ import math
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from pytorch_metric_learning import distances, losses, miners
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from imgembed.config import fingerprint
-from imgembed.data import ImageDataset, build_transform, class_balanced_sampler, load_split, resolve_num_workers
+from imgembed.data import (ImageDataset, Split, build_transform, class_balanced_sampler, load_split,
+                           resolve_num_workers)
 from imgembed.errors import UserError
 from imgembed.export import export_for_config, require_onnx
 from imgembed.files import atomic_path, write_json
 from imgembed.metrics import evaluate_embeddings
-from imgembed.mining import random_triplets
+from imgembed.objectives import Objective, TripletObjective, build_objective  # noqa: F401 (TripletObjective: tests)
 from imgembed.model import (EmbeddingNet, create_embedding_net, describe_model, embed_batches, export_torchscript,
                             prefer_channels_last)
 
 log = logging.getLogger("imgembed")
 
+AUTO_HEAD_EPOCHS = 2  # train.head_epochs `auto` with pretrained weights: GUIE's schedule (bench/README.md, "Unseen classes")
 
-# ---- the maths: schedule, loss and miner -------------------------------------------------
+
+# ---- the maths: schedule ----------------------------------------------------------------
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, train_cfg: dict[str, Any], steps_per_epoch: int) -> float:
     """Learning-rate multiplier: linear warm-up then cosine decay, or the seed's step decay."""
@@ -51,51 +54,51 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, train_cfg: dict[st
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_distance(train_cfg: dict[str, Any]) -> distances.BaseDistance:
-    kind = train_cfg["distance"]
-    if kind == "cosine":
-        return distances.CosineSimilarity()
-    return distances.LpDistance(normalize_embeddings=False, p=2, power=2 if kind == "squared_euclidean" else 1)
+def backbone_lr_factor(step: int, total_steps: int, warmup_steps: int, train_cfg: dict[str, Any], steps_per_epoch: int,
+                       head_steps: int) -> float:
+    """The backbone's multiplier: 0 while the head trains alone (train.head_epochs), then the same
+    warm-up and decay as the head's, started afresh over the steps that remain."""
+    if step < head_steps:
+        return 0.0
+    return lr_factor(step - head_steps, total_steps - head_steps, warmup_steps, train_cfg, steps_per_epoch)
 
 
-class TripletObjective:
-    """Mining + triplet margin loss from pytorch-metric-learning, or the seed's random triplets."""
-
-    def __init__(self, train_cfg: dict[str, Any]) -> None:
-        distance = make_distance(train_cfg)
-        self.loss = losses.TripletMarginLoss(margin=train_cfg["loss_margin"], distance=distance)
-        kind = train_cfg["miner"]
-        self.miner = None if kind == "random" else miners.TripletMarginMiner(
-            margin=train_cfg["loss_margin"], type_of_triplets=kind, distance=distance
-        )
-
-    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-        embeddings = embeddings.float()
-        triplets = self.miner(embeddings, labels) if self.miner else random_triplets(labels)
-        return self.loss(embeddings, labels, triplets), int(triplets[0].numel())
+def is_head_epoch(epoch: int, head_epochs: int) -> bool:
+    """Does this epoch train the head alone? Epoch 0 (the start, scored before training) counts
+    as the first epoch's phase."""
+    return max(epoch, 1) <= head_epochs
 
 
 # ---- data --------------------------------------------------------------------------------
 
 class FeatureHead(nn.Module):
-    """The trainable part of a frozen-backbone net, fed with cached backbone features."""
+    """The net, fed with cached backbone features while `features_in` (the head trains alone),
+    with images otherwise (after train.head_epochs, everything trains). One module for both
+    phases, so accelerate prepares (and DDP wraps, and checkpoints) it once."""
 
     def __init__(self, net: EmbeddingNet) -> None:
         super().__init__()
         self.net = net
+        self.features_in = True
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net.embed_features(features)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net.embed_features(inputs) if self.features_in else self.net(inputs)
 
 
 def cached_features(net: EmbeddingNet, dataset: ImageDataset, batch_size: int, accelerator: Accelerator,
                     desc: str) -> TensorDataset:
     """Backbone features of every image, computed once: a frozen backbone without augmentation
-    gives the same features every epoch, so recomputing them is pure waste."""
+    gives the same features every epoch, so recomputing them is pure waste. The backbone is
+    run as it is, not prepared: it is part of the net that accelerate prepares for training."""
     loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, shuffle=False))
-    backbone = accelerator.prepare(net.backbone)
-    features, labels = embed_batches(backbone, loader, accelerator, desc=desc)
+    features, labels = embed_batches(net.backbone, loader, accelerator, desc=desc)
     return TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))
+
+
+def contiguous_labels(split: Split) -> Split:
+    """The split with its labels renumbered 0..C-1 in the same order: class-weight losses need
+    one row per training class, and an unseen-class split trains on a subset of the classes."""
+    return replace(split, labels=np.unique(split.labels, return_inverse=True)[1].astype(np.int64))
 
 
 # ---- checkpointing -----------------------------------------------------------------------
@@ -283,60 +286,110 @@ def resolve_data_cfg(data_cfg: dict[str, Any], model_cfg: dict[str, Any], train_
     return data_cfg
 
 
+def resolve_train_cfg(train_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """train.head_epochs `auto`: AUTO_HEAD_EPOCHS for pretrained weights, 0 for a random init (a
+    head on random features learns nothing worth keeping); always 0 for a backbone frozen all run,
+    whose every epoch trains the head alone anyway; never more than train.epochs."""
+    head = train_cfg["head_epochs"]
+    if head == "auto":
+        head = AUTO_HEAD_EPOCHS if model_cfg["pretrained"] else 0
+    if model_cfg["freeze_backbone"]:
+        head = 0
+    return {**train_cfg, "head_epochs": min(int(head), train_cfg["epochs"])}
+
+
 def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    model_cfg, train_cfg = resolve_model_cfg(cfg["model"]), cfg["train"]
+    model_cfg = resolve_model_cfg(cfg["model"])
+    train_cfg = resolve_train_cfg(cfg["train"], model_cfg)
     require_onnx(model_cfg)  # model.export_onnx without onnx installed: say so now, not after training
     budget_started = time.perf_counter()  # train.max_seconds counts set-up (image and feature caches) too
-    accelerator = Accelerator(mixed_precision=train_cfg["mixed_precision"], cpu=distributed_on_cpu())
+    head_epochs, frozen = train_cfg["head_epochs"], bool(model_cfg["freeze_backbone"])
+    # While the head trains alone the backbone's weights take no part in the loss: DDP must be told.
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if head_epochs else []
+    accelerator = Accelerator(mixed_precision=train_cfg["mixed_precision"], cpu=distributed_on_cpu(), kwargs_handlers=ddp)
     precision = effective_precision(accelerator, train_cfg["mixed_precision"])
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(accelerator.num_processes))
     main = accelerator.is_main_process
     set_seed(train_cfg["seed"])
 
-    train_split, val_split = load_split(data_dir, "train"), load_split(data_dir, "val")
+    train_split, val_split = contiguous_labels(load_split(data_dir, "train")), load_split(data_dir, "val")
     data_cfg = resolve_data_cfg(cfg["data"], model_cfg, train_split.labels)
     net = prefer_channels_last(create_embedding_net(model_cfg), accelerator.device)
     info = describe_model(net, model_cfg, precision)
-    use_feature_cache = model_cfg["freeze_backbone"] and not data_cfg["augment"]
+    # Head-only epochs (a frozen backbone, or the first train.head_epochs) on cached features when
+    # nothing augments the images; the epochs that fine-tune everything always see images.
+    use_feature_cache = (frozen or head_epochs > 0) and not data_cfg["augment"]
+    needs_images = not (frozen and use_feature_cache)
     batch_size = data_cfg["classes_per_batch"] * data_cfg["samples_per_class"]
     sampler = class_balanced_sampler(train_split.labels, data_cfg["classes_per_batch"], data_cfg["samples_per_class"])
     workers = resolve_num_workers(data_cfg["num_workers"], accelerator.device, accelerator.num_processes)
-    loader_kwargs = dict(num_workers=workers, pin_memory=accelerator.device.type == "cuda")
+    image_loader_kwargs = dict(num_workers=workers, pin_memory=accelerator.device.type == "cuda")
 
     eval_transform = build_transform(info, data_cfg, training=False)
-    train_images = ImageDataset(train_split, build_transform(info, data_cfg, training=not use_feature_cache),
+    train_images = ImageDataset(train_split, build_transform(info, data_cfg, training=True),
                                 model_cfg["image_size"], data_cfg["cache_bytes"])
     val_images = ImageDataset(val_split, eval_transform, model_cfg["image_size"], data_cfg["cache_bytes"])
+    loaders: dict[str, tuple[DataLoader, DataLoader]] = {}  # "features" and/or "images": (train, val)
     if use_feature_cache:
         net.to(accelerator.device)
         train_set = cached_features(net, train_images, batch_size, accelerator, "train features")
         val_set = cached_features(net, val_images, batch_size, accelerator, "val features")
+        loaders["features"] = (DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=0),
+                               DataLoader(val_set, batch_size=batch_size, shuffle=False, num_workers=0))
         trainable: nn.Module = FeatureHead(net)
-        loader_kwargs = dict(num_workers=0)
     else:
-        train_set, val_set, trainable = train_images, val_images, net
+        trainable = net
+    if needs_images:
+        loaders["images"] = (
+            DataLoader(train_images, batch_size=batch_size, sampler=sampler, drop_last=True, **image_loader_kwargs),
+            DataLoader(val_images, batch_size=batch_size, shuffle=False, **image_loader_kwargs))
 
-    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, drop_last=True, **loader_kwargs)
-    val_loader = DataLoader(val_set, batch_size=batch_size, shuffle=False, **loader_kwargs)
+    objective = build_objective(train_cfg, int(train_split.labels.max()) + 1, model_cfg["embedding_dim"])
+    val_loss = objective.has_val_loss
     head_params = list(net.head.parameters())
     groups = [{"params": head_params, "lr": train_cfg["lr"]}]
-    if not model_cfg["freeze_backbone"] and train_cfg["backbone_lr"] > 0:
+    lambdas = ["head"]
+    if not frozen and train_cfg["backbone_lr"] > 0:
         groups.append({"params": list(net.backbone.parameters()), "lr": train_cfg["backbone_lr"]})
+        lambdas.append("backbone")
+    loss_params = list(objective.parameters())
+    if loss_params:  # class weights: their own rate; no weight decay, since the loss divides their norm out
+        groups.append({"params": loss_params, "lr": train_cfg["loss_lr"], "weight_decay": 0.0})
+        lambdas.append("head")
     optim_cls = torch.optim.AdamW if train_cfg["optimizer"] == "adamw" else torch.optim.Adam
     # foreach: one multi-tensor update instead of a Python loop over ~400 parameters (PyTorch's
     # default on the GPU only); profiling showed the per-parameter loop in every CPU step.
     optimizer = optim_cls(groups, weight_decay=train_cfg["weight_decay"], foreach=True)
-    trainable, optimizer, train_loader, val_loader = accelerator.prepare(trainable, optimizer, train_loader, val_loader)
+    modules = [trainable, objective] if loss_params else [trainable]  # prepared: on the device, DDP, checkpointed
+    flat_loaders = [loader for pair in loaders.values() for loader in pair]
+    prepared = accelerator.prepare(*modules, optimizer, *flat_loaders)
+    trainable, objective = prepared[0], (prepared[1] if loss_params else objective)
+    optimizer = prepared[len(modules)]
+    prepared_loaders = iter(prepared[len(modules) + 1:])
+    loaders = {name: (next(prepared_loaders), next(prepared_loaders)) for name in loaders}
 
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = len(next(iter(loaders.values()))[0])  # the same sampler feeds both train loaders
     total_steps = steps_per_epoch * train_cfg["epochs"]
     warmup_steps = steps_per_epoch * train_cfg["warmup_epochs"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, train_cfg, steps_per_epoch)
-    )
+    head_steps = steps_per_epoch * head_epochs
+    factors = {
+        "head": lambda step: lr_factor(step, total_steps, warmup_steps, train_cfg, steps_per_epoch),
+        "backbone": lambda step: backbone_lr_factor(step, total_steps, warmup_steps, train_cfg, steps_per_epoch, head_steps),
+    }
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [factors[name] for name in lambdas])
     accelerator.register_for_checkpointing(scheduler)
-    objective = TripletObjective(train_cfg)
+
+    def set_phase(epoch: int) -> tuple[DataLoader, DataLoader]:
+        """Freeze or unfreeze the backbone for this epoch; the loaders it trains and validates on."""
+        head_only = frozen or is_head_epoch(epoch, head_epochs)
+        if not frozen:
+            net.freeze_backbone = head_only  # EmbeddingNet.train keeps a frozen backbone in eval mode
+            net.backbone.requires_grad_(not head_only)
+        on_features = head_only and use_feature_cache
+        if use_feature_cache:
+            accelerator.unwrap_model(trainable).features_in = on_features
+        return loaders["features" if on_features else "images"]
 
     manifest_classes = train_split.classes
     checkpoints = Checkpoints(model_dir, fingerprint(
@@ -361,27 +414,41 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
     live = open_live(live_dir, {**flatten(cfg), "precision_effective": precision, "effective_batch_size": effective_batch,
                                 "steps_per_epoch": steps_per_epoch}, state["history"]) if main else None
     log.info(
-        "training %s (%s, %s) on %s x%d%s, precision %s: %d train / %d val images, batch %d (%d classes x %d), %d epochs%s",
+        "training %s (%s, %s) on %s x%d%s, precision %s: %d train / %d val images, batch %d (%d classes x %d), "
+        "loss %s, %d epochs%s%s",
         model_cfg["backbone"], "pretrained" if model_cfg["pretrained"] else "random init",
-        "frozen backbone" if model_cfg["freeze_backbone"] else "fine-tuned", accelerator.device.type,
+        "frozen backbone" if frozen else "fine-tuned", accelerator.device.type,
         accelerator.num_processes, f" ({torch.get_num_threads()} threads each)" if accelerator.device.type == "cpu" else "",
         precision, len(train_split.paths), len(val_split.paths), batch_size,
-        data_cfg["classes_per_batch"], data_cfg["samples_per_class"], train_cfg["epochs"],
+        data_cfg["classes_per_batch"], data_cfg["samples_per_class"], train_cfg["loss"], train_cfg["epochs"],
+        f" (the first {head_epochs} on the head alone)" if head_epochs else "",
         ", cached backbone features" if use_feature_cache else "",
     )
     log.info("%d steps per epoch of %d images (%d processes x batch %d); learning-rate schedule over %d steps, %d of warm-up",
              steps_per_epoch, effective_batch, accelerator.num_processes, batch_size, total_steps, warmup_steps)
+    if not state["history"]:  # epoch 0: the start is scored like every epoch, and is the first candidate
+        record = {"epoch": 0, **validate(trainable, objective, set_phase(0)[1], accelerator,
+                                         cfg["evaluate"]["chunk_size"], val_loss)}
+        state["history"].append(record)
+        state["best_map_at_5"], state["best_epoch"] = record["val/map_at_5"], 0
+        if main:
+            log_epoch(live, record)
+            checkpoints.save_best(net)
+            log.info("epoch 0 (the start): val P@1 %.3f, val mP@5 %.3f", record["val/precision_at_1"], record["val/map_at_5"])
     started = time.perf_counter()
     images_seen, step_seconds = 0, 0.0
     class_order = list(sampler.labels)  # MPerClassSampler shuffles this list in place, carrying state across epochs
     for epoch in range(state["epoch"] + 1, train_cfg["epochs"] + 1):
         set_seed(train_cfg["seed"] + epoch)  # each epoch reproducible on its own, so resuming is exact
         sampler.labels = list(class_order)  # ... so each epoch starts from the same order, resumed or not
+        train_loader, val_loader = set_phase(epoch)
+        if epoch == head_epochs + 1 and head_epochs:
+            log.info("epoch %d: the head trained alone for %d epochs; now fine-tuning the backbone too", epoch, head_epochs)
         epoch_started = time.perf_counter()
         record, seen = run_epoch(epoch, trainable, objective, optimizer, scheduler, train_loader, accelerator, train_cfg)
         step_seconds += time.perf_counter() - epoch_started
         images_seen += seen
-        record.update(validate(trainable, objective, val_loader, accelerator, cfg["evaluate"]["chunk_size"]))
+        record.update(validate(trainable, objective, val_loader, accelerator, cfg["evaluate"]["chunk_size"], val_loss))
         state["history"].append(record)
         state["epoch"] = epoch
         if main:
@@ -390,8 +457,9 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
             if improved:
                 state["best_map_at_5"], state["best_epoch"] = record["val/map_at_5"], epoch
                 checkpoints.save_best(net)
-            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, val P@1 %.3f, val mP@5 %.3f%s",
-                     epoch, train_cfg["epochs"], record["train/loss"], record["val/loss"],
+            log.info("epoch %d/%d: train loss %.4f, val loss %s, val P@1 %.3f, val mP@5 %.3f%s",
+                     epoch, train_cfg["epochs"], record["train/loss"],
+                     f"{record['val/loss']:.4f}" if "val/loss" in record else "n/a",
                      record["val/precision_at_1"], record["val/map_at_5"], " (best)" if improved else "")
         checkpoints.save(accelerator, state)
         if out_of_time(budget_started, train_cfg, accelerator):
@@ -403,13 +471,16 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
 
     # accelerate patched autocast into forward(); remove it so the exported net is plain fp32.
     accelerator.unwrap_model(trainable, keep_fp32_wrapper=False)
-    if use_feature_cache:
-        accelerator.unwrap_model(net.backbone, keep_fp32_wrapper=False)
     if main:
         net.load_state_dict(torch.load(checkpoints.best_file, map_location="cpu", weights_only=True))
+        net.freeze_backbone = frozen
+        if state["best_epoch"] == 0:
+            log.warning("no epoch beat the starting weights (val mP@5 %.3f); exporting the start", state["best_map_at_5"])
         export_torchscript(net, model_cfg["image_size"], model_dir / "embedding_net.pt")
         info.update(export_for_config(net, model_cfg, model_dir))
         info.update(best_epoch=state["best_epoch"], best_val_map_at_5=state["best_map_at_5"], epochs=state["epoch"],
+                    start_val_map_at_5=state["history"][0]["val/map_at_5"], loss=train_cfg["loss"],
+                    head_epochs=head_epochs,
                     setup_seconds=round(started - budget_started, 3),  # this run's timings (not a resumed run's)
                     loop_seconds=round(loop_seconds, 3),
                     train_images_per_s=round(images_seen / max(step_seconds, 1e-9), 2))
@@ -432,7 +503,7 @@ def out_of_time(started: float, train_cfg: dict[str, Any], accelerator: Accelera
     return bool(accelerator.reduce(spent, reduction="sum").item() > 0) if accelerator.num_processes > 1 else bool(spent.item())
 
 
-def run_epoch(epoch: int, model: nn.Module, objective: TripletObjective, optimizer: torch.optim.Optimizer,
+def run_epoch(epoch: int, model: nn.Module, objective: Objective, optimizer: torch.optim.Optimizer,
               scheduler: Any, loader: DataLoader, accelerator: Accelerator, train_cfg: dict[str, Any]) -> tuple[dict[str, float], int]:
     model.train()
     total_loss, steps, seen = 0.0, 0, 0
@@ -466,17 +537,20 @@ def run_epoch(epoch: int, model: nn.Module, objective: TripletObjective, optimiz
             "train/images_per_s": seen / (time.perf_counter() - started)}, seen
 
 
-def validate(model: nn.Module, objective: TripletObjective, loader: DataLoader, accelerator: Accelerator,
-             chunk_size: int) -> dict[str, float]:
-    """Val loss on fixed mixed-class chunks plus leave-one-out retrieval metrics on val."""
+def validate(model: nn.Module, objective: Objective, loader: DataLoader, accelerator: Accelerator,
+             chunk_size: int, with_loss: bool = True) -> dict[str, float]:
+    """Leave-one-out retrieval metrics on val, plus the val loss on fixed mixed-class chunks for
+    the losses that can score classes they were not trained on (`with_loss`, pair-based losses)."""
     embeddings, labels = embed_batches(model, loader, accelerator, desc="validate")
-    order = np.random.RandomState(0).permutation(len(labels))  # fixed chunks that mix classes
-    chunk = loader.total_batch_size if hasattr(loader, "total_batch_size") else loader.batch_size
-    losses_ = []
-    emb_t, lab_t = torch.from_numpy(embeddings), torch.from_numpy(labels)
-    for start in range(0, len(order), chunk):
-        idx = torch.from_numpy(order[start : start + chunk])
-        losses_.append(objective(emb_t[idx], lab_t[idx])[0].item())
     metrics = evaluate_embeddings(embeddings, labels, chunk_size)
-    return {"val/loss": float(np.mean(losses_)), "val/precision_at_1": metrics["precision_at_1"],
-            "val/map_at_5": metrics["map_at_5"]}
+    out = {"val/precision_at_1": metrics["precision_at_1"], "val/map_at_5": metrics["map_at_5"]}
+    if with_loss:
+        order = np.random.RandomState(0).permutation(len(labels))  # fixed chunks that mix classes
+        chunk = loader.total_batch_size if hasattr(loader, "total_batch_size") else loader.batch_size
+        losses_ = []
+        emb_t, lab_t = torch.from_numpy(embeddings), torch.from_numpy(labels)
+        for start in range(0, len(order), chunk):
+            idx = torch.from_numpy(order[start : start + chunk])
+            losses_.append(objective(emb_t[idx], lab_t[idx])[0].item())
+        out = {"val/loss": float(np.mean(losses_)), **out}
+    return out
