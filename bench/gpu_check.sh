@@ -96,7 +96,7 @@ else
   sed "s/accelerate: $ACC/accelerate: $MULTI/" "$WORK/speed.yaml" > "$WORK/speed2.yaml"
   accelerate launch --quiet --config_file "config/accelerate/$MULTI.yaml" -m imgembed train "$WORK/speed" -o "$WORK/speed2_model" \
     --live-dir "$WORK/speed2_live" --configfile config/config.yaml "$WORK/speed2.yaml" 2> "$WORK/speed2.log" || { tail -20 "$WORK/speed2.log"; exit 1; }
-  grep -h "on cuda x2\|on cpu x2\|steps per epoch\|done:" "$WORK/speed2.log"
+  tr '\r' '\n' < "$WORK/speed2.log" | grep "on cuda x2\|on cpu x2\|steps per epoch\|done:"  # not tqdm's bars
   WF2=$(python -c "import json,sys; h=json.load(open(sys.argv[1]))['history']; print(round(h[-1]['train/images_per_s'],1))" "$WORK/speed2_model/checkpoints/state.json")
   echo "workflow images/s on two processes (epoch 2): $WF2"
   python -c "print(f'RATIO two_process_vs_one {float(\"$WF2\") / float(\"$WF\"):.3f}')"
