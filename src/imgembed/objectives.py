@@ -2,7 +2,7 @@
 
 Two families:
 
-* pair-based losses, `triplet` (with the configured miner, or the seed's random triplets) and
+* pair-based losses, `triplet` (with the configured miner, or the siamese-triplet recipe's random triplets) and
   `multi_similarity` (with its own miner): they compare the embeddings of a batch with each
   other, so they apply to any labels, including val classes never seen in training;
 * classification-style losses, `arcface`, `subcenter_arcface` and `proxy_anchor`: they learn
@@ -67,8 +67,8 @@ class Objective(nn.Module):
             return self.loss(embeddings, labels, tuples), int(tuples[0].numel())
 
 
-def TripletObjective(train_cfg: dict[str, Any]) -> Objective:  # noqa: N802 (kept: the seed's name for it)
-    """Mining + triplet margin loss, or the seed's random triplets (`train.miner: random`)."""
+def TripletObjective(train_cfg: dict[str, Any]) -> Objective:  # noqa: N802 (kept: the name the tests and benches use)
+    """Mining + triplet margin loss, or the siamese-triplet recipe's random triplets (`train.miner: random`)."""
     distance = make_distance(train_cfg)
     loss = losses.TripletMarginLoss(margin=train_cfg["loss_margin"], distance=distance)
     kind = train_cfg["miner"]

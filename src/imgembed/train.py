@@ -45,7 +45,7 @@ AUTO_HEAD_EPOCHS = 2  # train.head_epochs `auto` with pretrained weights: GUIE's
 # ---- the maths: schedule ----------------------------------------------------------------
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, train_cfg: dict[str, Any], steps_per_epoch: int) -> float:
-    """Learning-rate multiplier: linear warm-up then cosine decay, or the seed's step decay."""
+    """Learning-rate multiplier: linear warm-up then cosine decay, or the siamese-triplet recipe's step decay."""
     if train_cfg["scheduler"] == "step":
         return train_cfg["gamma"] ** ((step // max(steps_per_epoch, 1)) // train_cfg["step_size"])
     if step < warmup_steps:
