@@ -100,7 +100,7 @@ def locked() -> dict[str, str]:
 
 def test_lock_pins_every_dependency_but_torch_and_its_cuda_wheels():
     pins = locked()
-    wanted = PROJECT["dependencies"] + [r for extra in ("workflow", "search", "test")
+    wanted = PROJECT["dependencies"] + [r for extra in ("workflow", "search", "slurm", "test")
                                         for r in PROJECT["optional-dependencies"][extra]]
     for spec in wanted:
         req = Requirement(spec)

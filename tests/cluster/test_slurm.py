@@ -10,6 +10,7 @@ the metrics equal those of a local `snakemake --cores 2` run with the same setti
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -37,6 +38,8 @@ def cluster():
     already up (CI starts it before pytest)."""
     if shutil.which("sbatch") is None or os.geteuid() != 0:
         pytest.skip("needs root and a SLURM install: apt-get install -y slurm-wlm munge")
+    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        pytest.skip("needs Snakemake's SLURM executor plugin: pip install -e '.[slurm]'")
     was_up = subprocess.run([str(CLUSTER), "status"], capture_output=True).returncode == 0
     if not was_up:
         started = subprocess.run([str(CLUSTER), "start"], capture_output=True, text=True, timeout=120)
