@@ -8,6 +8,7 @@ import numpy as np
 from tqdm import tqdm
 
 import imgembed.plots as plots
+from imgembed.artifacts import Embeddings
 from helpers import class_image
 
 
@@ -18,8 +19,7 @@ def test_gallery_marks_right_and_wrong_and_shows_distances(tmp_path, monkeypatch
         class_image(label, i).save(tmp_path / path)
         paths.append(path)
     embeddings = np.array([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]], dtype=np.float32)
-    data = {"embeddings": embeddings, "labels": np.array([0, 0, 1]), "class_names": np.array(["cat", "dog"]),
-            "paths": np.array(paths)}
+    data = Embeddings(embeddings=embeddings, labels=np.array([0, 0, 1]), class_names=["cat", "dog"], paths=paths)
     drawn = {}
     monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.update(fig=fig))
     plots.plot_retrievals(data, tmp_path, {"num_queries": 3, "seed": 0}, tmp_path / "g.png", top_k=2)
