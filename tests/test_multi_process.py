@@ -109,12 +109,12 @@ def test_two_processes_split_the_batches_validate_everything_once_and_only_the_m
     assert reference[1] != reference[2]  # a new order every epoch
 
     # Validation: each process embeds one batch of 12 (the second pads its 8 remaining images with
-    # repeats); gathering drops the repeats, so the metrics see all 20 images once.
+    # repeats); gathering drops the repeats, so the metrics see all 20 images once, every time.
     val_items = [[line for line in two[rank] if line.startswith("item val/")] for rank in (0, 1)]
-    assert len(val_items[0]) == len(val_items[1]) == 2 * BATCH  # two epochs
+    assert len(val_items[0]) == len(val_items[1]) == 3 * BATCH  # epoch 0 (the start, scored too) and two epochs
     assert len(set(val_items[0]) | set(val_items[1])) == CLASSES * VAL_PER_CLASS
     for rank in (0, 1):
-        assert [line for line in two[rank] if line.startswith("validated")] == [f"validated {CLASSES * VAL_PER_CLASS}"] * 2
+        assert [line for line in two[rank] if line.startswith("validated")] == [f"validated {CLASSES * VAL_PER_CLASS}"] * 3
 
     # Only the main process writes checkpoints' state, best.pt, DVCLive, the export and model.json.
     written = [line for line in two[0] if line.startswith("write ")]

@@ -29,7 +29,7 @@ def note(line: str) -> None:
 original_getitem = ImageDataset.__getitem__
 original_run_epoch = train.run_epoch
 original_evaluate = train.evaluate_embeddings
-original_objective = train.TripletObjective.__call__
+original_objective = train.Objective.forward
 original_write_json = train.write_json
 original_atomic_path = train.atomic_path
 original_export = train.export_torchscript
@@ -84,7 +84,7 @@ train.export_torchscript = export_torchscript
 train.open_live = open_live
 train.run_epoch = run_epoch
 train.evaluate_embeddings = evaluate_embeddings
-train.TripletObjective.__call__ = objective
+train.Objective.forward = objective
 
 from imgembed.cli import main  # noqa: E402
 
