@@ -203,8 +203,13 @@ def test_dvc_repro_and_experiment(tmp_path):
     # One training setting changed: train and everything after it reruns; sample, unpack and
     # the no-training baseline (which reads only train.seed and train.mixed_precision) don't.
     untouched["reports/tiny/baseline.json"] = (project / "reports/tiny/baseline.json").stat().st_mtime_ns
+    embeddings_before = (project / "embeddings/tiny/test.npz").read_bytes()
     exp = run(project, env, "dvc", "exp", "run", "-S", "config/config.yaml:train.lr=0.002", "dvc.yaml")
-    assert ran_stages(exp) == {f"{name}@tiny" for name in ("train", "embed", "evaluate", "plot", "charts")}
+    # train, embed and charts (the curves) rerun; evaluate and plot rerun when the embeddings
+    # changed: on this easy data the start (epoch 0) can win again, and then the exported net and
+    # its embeddings are byte-identical, so DVC rightly leaves what reads only them.
+    downstream = {"evaluate", "plot"} if (project / "embeddings/tiny/test.npz").read_bytes() != embeddings_before else set()
+    assert ran_stages(exp) == {f"{name}@tiny" for name in ("train", "embed", "charts", *downstream)}
     assert {p: (project / p).stat().st_mtime_ns for p in untouched} == untouched
     assert (project / "dvc.yaml").read_bytes() == dvc_yaml
     assert len(run(project, env, "dvc", "exp", "list", "--name-only").split()) == 1  # just this one

@@ -26,7 +26,7 @@ from helpers import ROOT, copy_project, make_dataset_zip
 pytestmark = pytest.mark.e2e
 CLUSTER = ROOT / "tests" / "cluster" / "cluster.sh"
 OVERRIDE = ROOT / "tests" / "cluster" / "profile"
-RULES = {"unpack", "baseline", "train", "embed", "evaluate", "plot"}
+RULES = {"unpack", "baseline", "train", "embed", "evaluate", "plot", "charts"}
 # train.accelerate: gpu asks SLURM for one GPU (the cluster has two pretend ones); with no CUDA
 # visible, accelerate then trains on the CPU, as in the local run.
 SETTINGS = {"datasets": ["tiny"], "train": {"accelerate": "gpu"}}
