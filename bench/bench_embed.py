@@ -45,15 +45,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def export_model(cfg: dict, precision: str, model_dir: Path) -> None:
     """embedding_net.pt and model.json exactly as training writes them (random weights)."""
-    from imgembed.artifacts import MODEL_FILE, MODEL_INFO_FILE
-    from imgembed.files import write_json
-    from imgembed.model import create_embedding_net, describe_model, export_torchscript
+    from imgembed.artifacts import describe_model, write_model_folder
+    from imgembed.model import create_embedding_net, preprocessing
 
     torch.manual_seed(0)
     net = create_embedding_net(cfg["model"])
-    model_dir.mkdir(parents=True, exist_ok=True)
-    export_torchscript(net, cfg["model"]["image_size"], model_dir / MODEL_FILE)
-    write_json(model_dir / MODEL_INFO_FILE, describe_model(net, cfg["model"], precision))
+    description = describe_model(cfg["model"], net.backbone.num_features,
+                                 preprocessing(net.backbone, cfg["model"]["image_size"]), precision)
+    write_model_folder(model_dir, net, cfg["model"], description)
 
 
 def run(args: argparse.Namespace, workdir: Path) -> float:

@@ -15,7 +15,8 @@ from imgembed.data import ImageDataset, build_transform, load_split
 from imgembed.artifacts import l2_normalize
 from imgembed.embed import embed_split, load_embedding_net
 from imgembed.files import write_json
-from imgembed.model import create_embedding_net, describe_model, export_torchscript
+from imgembed.artifacts import describe_model, export_torchscript, write_model_folder
+from imgembed.model import create_embedding_net, preprocessing
 from imgembed.unpack import unpack_dataset
 
 MODEL_CFG = dict(backbone="test_efficientnet", pretrained=False, weights=None, embedding_dim=8, image_size=32,
@@ -40,8 +41,8 @@ def export(folder: Path, precision: str, **overrides: object) -> Path:
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
     folder.mkdir(parents=True, exist_ok=True)
-    export_torchscript(net, cfg["image_size"], folder / "embedding_net.pt")
-    write_json(folder / "model.json", describe_model(net, cfg, precision))
+    description = describe_model(cfg, net.backbone.num_features, preprocessing(net.backbone, cfg["image_size"]), precision)
+    write_model_folder(folder, net, cfg, description)
     return folder
 
 

@@ -287,7 +287,7 @@ def test_plot_crash_mid_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_model_export_and_best_weights_crash_mid_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from imgembed.model import export_torchscript
+    from imgembed.artifacts import export_torchscript
 
     cfg = load_config([ROOT / "config" / "config.yaml", TINY_CONFIG])
     net = create_embedding_net(cfg["model"])

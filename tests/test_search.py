@@ -18,8 +18,8 @@ from imgembed import search as S
 from imgembed.artifacts import write_embeddings
 from imgembed.cli import main
 from imgembed.errors import UserError
-from imgembed.files import write_json
-from imgembed.model import create_embedding_net, describe_model, export_torchscript
+from imgembed.artifacts import describe_model, write_model_folder
+from imgembed.model import create_embedding_net, preprocessing
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_CFG = dict(backbone="test_efficientnet", pretrained=False, weights=None, embedding_dim=16, image_size=32,
@@ -31,8 +31,8 @@ def make_model(folder: Path, **overrides: object) -> Path:
     torch.manual_seed(0)
     cfg = {**MODEL_CFG, **overrides}
     net = create_embedding_net(cfg)
-    export_torchscript(net, cfg["image_size"], folder / "embedding_net.pt")
-    write_json(folder / "model.json", describe_model(net, cfg, "no"))
+    description = describe_model(cfg, net.backbone.num_features, preprocessing(net.backbone, cfg["image_size"]), "no")
+    write_model_folder(folder, net, cfg, description)
     return folder
 
 

@@ -1,8 +1,9 @@
 """What crosses stage boundaries: the model folder and the embeddings file, one reader each.
 
-* The model folder (models/D/): ``embedding_net.pt`` (TorchScript, fp32) and ``model.json``
-  (what the network expects and was trained with; written by train via model.describe_model).
-  `load_model` is the one reader: embed, search and index all call it, with one set of checks.
+* The model folder (models/D/): ``embedding_net.pt`` (TorchScript, fp32), ``model.json`` (what
+  the network expects and was trained with: `describe_model`) and, with model.export_onnx,
+  ``embedding_net.onnx`` (imgembed.export). `write_model_folder` is the one writer (train) and
+  `load_model` the one reader (embed, search and index), with one set of checks.
 * The embeddings file (embeddings/D/test.npz, or an index of `imgembed index`): L2-normalised
   float32 embeddings with their labels, class names and image paths, plus the folder the paths
   start from when known. `write_embeddings` is its one writer (embed, index, bench_evaluate) and
@@ -23,7 +24,8 @@ import numpy as np
 import torch
 
 from imgembed.errors import UserError
-from imgembed.files import atomic_path
+from imgembed.export import export_for_config
+from imgembed.files import atomic_path, write_json
 
 MODEL_FILE = "embedding_net.pt"
 MODEL_INFO_FILE = "model.json"
@@ -35,6 +37,54 @@ ROOT_KEY = "root"
 
 
 # ---- the model folder ------------------------------------------------------------------------
+
+def describe_model(model_cfg: dict[str, Any], backbone_features: int, preprocessing: dict[str, Any],
+                   precision: str) -> dict[str, Any]:
+    """What model.json records about the network: enough to use embedding_net.pt without this
+    project's code. `preprocessing` is model.preprocessing's image_size, mean, std, interpolation;
+    `precision` the one training validated with."""
+    return {
+        "format": "torchscript",
+        "file": MODEL_FILE,
+        "backbone": model_cfg["backbone"],
+        "backbone_features": int(backbone_features),
+        "pretrained": bool(model_cfg["pretrained"]),
+        "weights": model_cfg["weights"],
+        "embedding_dim": int(model_cfg["embedding_dim"]),
+        "normalized": bool(model_cfg["normalize"]),
+        "head": model_cfg["head"],
+        "head_hidden": [int(v) for v in model_cfg["head_hidden"]] if model_cfg["head"] == "mlp" else [],
+        **preprocessing,
+        "input": "float32 NCHW RGB, values scaled to [0, 1], then (x - mean) / std; resize the "
+                 "shorter side to image_size and centre-crop",
+        "precision": precision,
+    }
+
+
+def write_model_folder(model_dir: Path, net: torch.nn.Module, model_cfg: dict[str, Any], description: dict[str, Any],
+                       training: dict[str, Any] | None = None) -> None:
+    """Export `net` into model_dir: embedding_net.pt, the ONNX file model.export_onnx asks for
+    (an old one is removed when it is off), then model.json, written last: the network's
+    `description` (describe_model), the ONNX entries and what `training` records (best epoch,
+    timings). Each file is written atomically."""
+    model_dir = Path(model_dir)
+    export_torchscript(net, int(description["image_size"]), model_dir / MODEL_FILE)
+    onnx_entries = export_for_config(net, model_cfg, model_dir)
+    write_json(model_dir / MODEL_INFO_FILE, {**description, **onnx_entries, **(training or {})})
+
+
+def export_torchscript(net: torch.nn.Module, image_size: int, path: Path) -> None:
+    """Trace in fp32 on the CPU so the file loads anywhere with plain PyTorch."""
+    net = net.eval().float().cpu().to(memory_format=torch.contiguous_format)  # plain NCHW weights in the file
+    example = torch.zeros(2, 3, image_size, image_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.export, but TorchScript is the original pipeline's format.
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(net, example)
+        with atomic_path(path) as tmp:
+            torch.jit.save(traced, str(tmp))
+
 
 def load_model(model_dir: Path) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     """The exported network (eval mode, on the CPU) and its model.json, or a one-line UserError."""
@@ -71,7 +121,7 @@ def read_model_info(model_dir: Path) -> dict[str, Any]:
 
 def model_config(info: dict[str, Any]) -> dict[str, Any]:
     """The `model` config section that rebuilds the exported network's modules (random weights):
-    the inverse of model.describe_model, for loading the exported weights into eager modules."""
+    the inverse of describe_model, for loading the exported weights into eager modules."""
     return {
         "backbone": info["backbone"], "pretrained": False, "weights": None,
         "embedding_dim": int(info["embedding_dim"]), "head": info["head"], "head_hidden": list(info["head_hidden"]),

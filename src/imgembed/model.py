@@ -1,10 +1,9 @@
-"""The embedding network: a timm backbone, a small head, optional L2 normalisation."""
+"""The embedding network: a timm backbone, a small head, optional L2 normalisation (exported by imgembed.artifacts)."""
 
 from __future__ import annotations
 
 import difflib
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -16,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from imgembed.errors import UserError
-from imgembed.files import atomic_path
 
 log = logging.getLogger("imgembed")
 
@@ -156,29 +154,10 @@ def create_embedding_net(model_cfg: dict[str, Any]) -> EmbeddingNet:
     return EmbeddingNet(backbone, head, model_cfg["normalize"], model_cfg["freeze_backbone"], model_cfg["freeze_batchnorm"])
 
 
-def describe_model(net: EmbeddingNet, model_cfg: dict[str, Any], precision: str) -> dict[str, Any]:
-    """What model.json records: enough to use embedding_net.pt without this project's code."""
-    return {
-        "format": "torchscript",
-        "file": "embedding_net.pt",
-        "backbone": model_cfg["backbone"],
-        "backbone_features": int(net.backbone.num_features),
-        "pretrained": bool(model_cfg["pretrained"]),
-        "weights": model_cfg["weights"],
-        "embedding_dim": int(model_cfg["embedding_dim"]),
-        "normalized": bool(model_cfg["normalize"]),
-        "head": model_cfg["head"],
-        "head_hidden": [int(v) for v in model_cfg["head_hidden"]] if model_cfg["head"] == "mlp" else [],
-        **preprocessing(net.backbone, int(model_cfg["image_size"])),
-        "input": "float32 NCHW RGB, values scaled to [0, 1], then (x - mean) / std; resize the "
-                 "shorter side to image_size and centre-crop",
-        "precision": precision,
-    }
-
-
 def preprocessing(backbone: nn.Module, image_size: int) -> dict[str, Any]:
     """The input a backbone expects (model.json's image_size, mean, std, interpolation), from
-    timm's pretrained_cfg: what data.build_transform turns into the preprocessing."""
+    timm's pretrained_cfg: what data.build_transform turns into the preprocessing, and what
+    artifacts.describe_model records."""
     pretrained_cfg = backbone.pretrained_cfg
     return {
         "image_size": int(image_size),
@@ -207,19 +186,6 @@ def eager_copy(scripted: nn.Module, model_cfg: dict[str, Any]) -> EmbeddingNet:
     net = create_embedding_net(model_cfg)
     net.load_state_dict(scripted.state_dict())  # strict: any mismatch is an error, never a silent skip
     return net.eval()
-
-
-def export_torchscript(net: EmbeddingNet, image_size: int, path: Path) -> None:
-    """Trace in fp32 on the CPU so the file loads anywhere with plain PyTorch."""
-    net = net.eval().float().cpu().to(memory_format=torch.contiguous_format)  # plain NCHW weights in the file
-    example = torch.zeros(2, 3, image_size, image_size)
-    with torch.no_grad(), warnings.catch_warnings():
-        # torch.jit is deprecated in favour of torch.export, but TorchScript is the original pipeline's format.
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        traced = torch.jit.trace(net, example)
-        with atomic_path(path) as tmp:
-            torch.jit.save(traced, str(tmp))
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all, as timm's own inference benchmark runs

@@ -30,12 +30,12 @@ from imgembed.config import fingerprint
 from imgembed.data import (ImageDataset, Split, build_transform, class_balanced_sampler, load_split,
                            resolve_num_workers)
 from imgembed.errors import UserError
-from imgembed.export import export_for_config, require_onnx
+from imgembed.artifacts import MODEL_FILE, describe_model, write_model_folder
+from imgembed.export import require_onnx
 from imgembed.files import atomic_path, write_json
 from imgembed.metrics import evaluate_embeddings
 from imgembed.objectives import Objective, TripletObjective, build_objective  # noqa: F401 (TripletObjective: tests)
-from imgembed.model import (EmbeddingNet, create_embedding_net, describe_model, embed_batches, export_torchscript,
-                            prefer_channels_last)
+from imgembed.model import EmbeddingNet, create_embedding_net, embed_batches, prefer_channels_last, preprocessing
 
 log = logging.getLogger("imgembed")
 
@@ -316,7 +316,7 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
     train_split, val_split = contiguous_labels(load_split(data_dir, "train")), load_split(data_dir, "val")
     data_cfg = resolve_data_cfg(cfg["data"], model_cfg, train_split.labels)
     net = prefer_channels_last(create_embedding_net(model_cfg), accelerator.device)
-    info = describe_model(net, model_cfg, precision)
+    info = describe_model(model_cfg, net.backbone.num_features, preprocessing(net.backbone, model_cfg["image_size"]), precision)
     # Head-only epochs (a frozen backbone, or the first train.head_epochs) on cached features when
     # nothing augments the images; the epochs that fine-tune everything always see images.
     use_feature_cache = (frozen or head_epochs > 0) and not data_cfg["augment"]
@@ -476,19 +476,17 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
         net.freeze_backbone = frozen
         if state["best_epoch"] == 0:
             log.warning("no epoch beat the starting weights (val mP@5 %.3f); exporting the start", state["best_map_at_5"])
-        export_torchscript(net, model_cfg["image_size"], model_dir / "embedding_net.pt")
-        info.update(export_for_config(net, model_cfg, model_dir))
-        info.update(best_epoch=state["best_epoch"], best_val_map_at_5=state["best_map_at_5"], epochs=state["epoch"],
-                    start_val_map_at_5=state["history"][0]["val/map_at_5"], loss=train_cfg["loss"],
-                    head_epochs=head_epochs,
-                    setup_seconds=round(started - budget_started, 3),  # this run's timings (not a resumed run's)
-                    loop_seconds=round(loop_seconds, 3),
-                    train_images_per_s=round(images_seen / max(step_seconds, 1e-9), 2))
-        write_json(model_dir / "model.json", info)
+        write_model_folder(model_dir, net, model_cfg, info, dict(
+            best_epoch=state["best_epoch"], best_val_map_at_5=state["best_map_at_5"], epochs=state["epoch"],
+            start_val_map_at_5=state["history"][0]["val/map_at_5"], loss=train_cfg["loss"],
+            head_epochs=head_epochs,
+            setup_seconds=round(started - budget_started, 3),  # this run's timings (not a resumed run's)
+            loop_seconds=round(loop_seconds, 3),
+            train_images_per_s=round(images_seen / max(step_seconds, 1e-9), 2)))
         live.end()
         elapsed = time.perf_counter() - started
         log.info("done: best val mP@5 %.3f at epoch %d; %s written (%.0f s, %.1f img/s)",
-                 state["best_map_at_5"], state["best_epoch"], model_dir / "embedding_net.pt",
+                 state["best_map_at_5"], state["best_epoch"], model_dir / MODEL_FILE,
                  elapsed, images_seen / max(elapsed, 1e-9))
     accelerator.wait_for_everyone()
     return state

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import imgembed.artifacts as artifacts
 import imgembed.train as train
 from imgembed.data import ImageDataset
 
@@ -32,7 +33,8 @@ original_evaluate = train.evaluate_embeddings
 original_objective = train.Objective.forward
 original_write_json = train.write_json
 original_atomic_path = train.atomic_path
-original_export = train.export_torchscript
+original_export = artifacts.export_torchscript
+original_artifacts_write_json = artifacts.write_json
 original_open_live = train.open_live
 
 
@@ -62,6 +64,11 @@ def write_json(path, *args, **kwargs):
     return original_write_json(path, *args, **kwargs)
 
 
+def artifacts_write_json(path, *args, **kwargs):
+    note(f"write {path}")
+    return original_artifacts_write_json(path, *args, **kwargs)
+
+
 def atomic_path(path, *args, **kwargs):
     note(f"write {path}")
     return original_atomic_path(path, *args, **kwargs)
@@ -80,7 +87,8 @@ def open_live(*args, **kwargs):
 ImageDataset.__getitem__ = getitem
 train.write_json = write_json
 train.atomic_path = atomic_path
-train.export_torchscript = export_torchscript
+artifacts.export_torchscript = export_torchscript
+artifacts.write_json = artifacts_write_json
 train.open_live = open_live
 train.run_epoch = run_epoch
 train.evaluate_embeddings = evaluate_embeddings
