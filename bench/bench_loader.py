@@ -50,7 +50,8 @@ def loader_rate(loader, min_seconds: float, max_passes: int = 50) -> tuple[int, 
 def uncached_twin(loader, args: argparse.Namespace) -> DataLoader:
     """train_model's loader rebuilt from the same parts, over the same split and transform,
     but without the image cache (data.cache_bytes: 0)."""
-    from imgembed.data import ImageDataset, class_balanced_sampler, resolve_num_workers
+    from imgembed.data import ImageDataset, class_balanced_sampler
+    from imgembed.runtime import resolve_num_workers
 
     cached = loader.dataset
     sampler = class_balanced_sampler(cached.split.labels, args.classes_per_batch, args.samples_per_class)

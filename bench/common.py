@@ -23,6 +23,8 @@ import torch
 from generated import ROOT, make_dataset_zip
 
 from imgembed.config import load_config, merge, validate
+from imgembed.runtime import autocast as runtime_autocast
+from imgembed.runtime import default_device
 
 
 def bench_config(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +79,7 @@ def train_config(args: argparse.Namespace) -> dict:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return default_device()
 
 
 def sync() -> None:
@@ -86,13 +88,9 @@ def sync() -> None:
 
 
 def autocast(precision: str) -> contextlib.AbstractContextManager:
-    """The autocast accelerate applies for train.mixed_precision (fp16 on the CPU runs as fp32)."""
-    dev = device().type
-    if precision == "bf16":
-        return torch.autocast(dev, dtype=torch.bfloat16)
-    if precision == "fp16" and dev == "cuda":
-        return torch.autocast(dev, dtype=torch.float16)
-    return contextlib.nullcontext()
+    """The autocast accelerate applies for train.mixed_precision (fp16 on the CPU runs as fp32),
+    decided by imgembed.runtime like every stage's."""
+    return runtime_autocast(precision, device().type)
 
 
 class RawTimm:

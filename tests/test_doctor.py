@@ -140,6 +140,6 @@ def test_version_is_one_number_everywhere():
 ])
 def test_precision_on(device, requested, runs):
     """The one precision rule, shared by training and doctor: fp16 on the CPU runs as fp32."""
-    from imgembed.train import precision_on
+    from imgembed.runtime import precision_on
 
     assert precision_on(device, requested) == runs

@@ -58,9 +58,11 @@ def test_backbone_factor_is_zero_while_the_head_trains_alone_then_warms_up_and_d
 
 
 def test_head_epochs_auto_and_its_limits() -> None:
-    resolve = train_module.resolve_train_cfg
+    from imgembed import runtime
+
+    resolve = runtime.resolve_train_cfg
     pretrained = {"pretrained": True, "freeze_backbone": False}
-    assert resolve({"head_epochs": "auto", "epochs": 10}, pretrained)["head_epochs"] == train_module.AUTO_HEAD_EPOCHS
+    assert resolve({"head_epochs": "auto", "epochs": 10}, pretrained)["head_epochs"] == runtime.AUTO_HEAD_EPOCHS
     assert resolve({"head_epochs": "auto", "epochs": 10}, {**pretrained, "pretrained": False})["head_epochs"] == 0
     assert resolve({"head_epochs": 3, "epochs": 10}, {**pretrained, "freeze_backbone": True})["head_epochs"] == 0
     assert resolve({"head_epochs": 30, "epochs": 10}, pretrained)["head_epochs"] == 10

@@ -38,7 +38,7 @@ def test_default_recipe_is_the_tuned_one():
 
 
 def test_freeze_batchnorm_auto_follows_pretrained():
-    from imgembed.train import resolve_model_cfg
+    from imgembed.runtime import resolve_model_cfg
 
     model = load_config([CONFIG])["model"]
     assert resolve_model_cfg({**model, "pretrained": True})["freeze_batchnorm"] is True
@@ -138,7 +138,7 @@ def test_bench_quality_unseen_classes_with_seeds(tmp_path):
 
 
 def test_augment_auto_follows_pretrained():
-    from imgembed.train import resolve_data_cfg
+    from imgembed.runtime import resolve_data_cfg
 
     data, labels = load_config()["data"], np.repeat(np.arange(10), 5)
     assert data["augment"] == "auto"
@@ -154,7 +154,7 @@ def test_augment_auto_follows_pretrained():
     ([2, 50], (2, 2)),
 ])
 def test_batch_layout_auto_adapts_to_the_training_split(class_sizes, expected):
-    from imgembed.train import resolve_data_cfg
+    from imgembed.runtime import resolve_data_cfg
 
     labels = np.repeat(np.arange(len(class_sizes)), class_sizes)
     data = resolve_data_cfg(load_config()["data"], {"pretrained": False}, labels)
@@ -162,7 +162,7 @@ def test_batch_layout_auto_adapts_to_the_training_split(class_sizes, expected):
 
 
 def test_explicit_batch_layout_is_kept():
-    from imgembed.train import resolve_data_cfg
+    from imgembed.runtime import resolve_data_cfg
 
     data = {**load_config()["data"], "classes_per_batch": 3, "samples_per_class": 6}
     resolved = resolve_data_cfg(data, {"pretrained": False}, np.repeat(np.arange(5), 4))

@@ -98,7 +98,7 @@ def test_step_decay():
 
 
 def test_num_workers_auto_is_none_on_the_cpu_and_several_on_a_gpu(monkeypatch):
-    from imgembed.data import resolve_num_workers
+    from imgembed.runtime import resolve_num_workers
 
     assert resolve_num_workers("auto", torch.device("cpu")) == 0
     assert resolve_num_workers(3, torch.device("cpu")) == 3
@@ -108,7 +108,7 @@ def test_num_workers_auto_is_none_on_the_cpu_and_several_on_a_gpu(monkeypatch):
 
 
 def test_cpu_threads_follow_the_callers_budget_not_accelerates_default():
-    from imgembed.train import cpu_threads
+    from imgembed.runtime import cpu_threads
 
     # Snakemake sets MKL_NUM_THREADS (and OMP_NUM_THREADS, which accelerate launch overwrites).
     assert cpu_threads(1, {"MKL_NUM_THREADS": "3", "OMP_NUM_THREADS": "1"}) == 3
@@ -124,7 +124,7 @@ def test_cpu_threads_follow_the_callers_budget_not_accelerates_default():
 def test_several_processes_without_a_gpu_join_on_the_cpu(monkeypatch):
     import torch
 
-    from imgembed.train import distributed_on_cpu
+    from imgembed.runtime import distributed_on_cpu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert distributed_on_cpu({"WORLD_SIZE": "2"})  # multi_cpu: torchrun's processes, no GPU

@@ -27,10 +27,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from imgembed.artifacts import l2_normalize
-from imgembed.data import ImageDataset, Split, build_transform, load_image, load_split, resolve_num_workers
+from imgembed.data import ImageDataset, Split, build_transform, load_image, load_split
 from imgembed.files import write_json
 from imgembed.metrics import evaluate_embeddings
 from imgembed.model import create_backbone, preprocessing
+from imgembed.runtime import autocast, default_device, resolve_num_workers
 
 log = logging.getLogger("imgembed")
 
@@ -66,10 +67,7 @@ def backbone_features(splits: dict[str, Split], cfg: dict[str, Any], precision: 
     """
     model_cfg, data_cfg = cfg["model"], cfg["data"]
     precision = precision or cfg["train"]["mixed_precision"]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if precision == "fp16" and device.type != "cuda":
-        precision = "no"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    device = default_device()
     torch.manual_seed(cfg["train"]["seed"])  # a random-init backbone is then the one training starts from
     backbone = create_backbone(model_cfg).eval().to(device)
     transform = build_transform(preprocessing(backbone, model_cfg["image_size"]), data_cfg, training=False)
@@ -79,7 +77,7 @@ def backbone_features(splits: dict[str, Split], cfg: dict[str, Any], precision: 
         loader = DataLoader(dataset, batch_size=cfg["embed"]["batch_size"], shuffle=False,
                             num_workers=resolve_num_workers(data_cfg["num_workers"], device))
         chunks = []
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with torch.no_grad(), autocast(precision, device.type):
             for images, _ in tqdm(loader, desc=f"backbone features ({name})", unit="batch", mininterval=1):
                 chunks.append(backbone(images.to(device)).float().cpu())
         out[name] = torch.cat(chunks).numpy() if chunks else np.zeros((0, backbone.num_features), np.float32)

@@ -121,7 +121,7 @@ def build_transform(model_info: dict[str, Any], data_cfg: dict[str, Any] | None,
         crop_pct=1.0,
     )
     if training:
-        assert data_cfg is not None and data_cfg["augment"] != "auto", "resolve data.augment first (train.resolve_data_cfg)"
+        assert data_cfg is not None and data_cfg["augment"] != "auto", "resolve data.augment first (imgembed.runtime.resolve_data_cfg)"
     if training and data_cfg["augment"]:
         return create_transform(
             is_training=True,
@@ -174,22 +174,6 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.cache[index] if self.cache is not None else self._decode(index)
         return self.transform(image), int(self.split.labels[index])
-
-
-def resolve_num_workers(setting: int | str, device: torch.device, processes: int = 1) -> int:
-    """DataLoader workers for data.num_workers; `auto` is 0 on the CPU, several on a GPU.
-
-    On the CPU, worker processes compete with the compute threads for the same cores: with
-    two workers, training on 2 cores ran at 0.80-0.85 of timm's raw speed, with none at 0.99
-    (bench/README.md). On a GPU the workers use cores the model leaves idle.
-    """
-    if setting != "auto":
-        return int(setting)
-    if device.type != "cuda":
-        return 0
-    import os
-
-    return max(1, min(8, (os.cpu_count() or 2) // max(1, processes) - 1))
 
 
 def class_balanced_sampler(labels: np.ndarray, classes_per_batch: int, samples_per_class: int) -> MPerClassSampler:

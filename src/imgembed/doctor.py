@@ -21,7 +21,7 @@ from typing import Any
 
 from imgembed.config import read_yaml
 from imgembed.errors import UserError
-from imgembed.train import precision_on
+from imgembed.runtime import precision_on
 
 # Distributions whose versions are reported (snakemake and dvc are the `workflow` extra).
 PACKAGES = ("imgembed", "torch", "torchvision", "timm", "accelerate", "pytorch-metric-learning",
@@ -44,7 +44,7 @@ class TrainingPlan:
     accelerate: str           # the name in train.accelerate
     device: str               # "cpu" or "cuda"
     processes: int
-    precision: str            # what really runs (see train.precision_on)
+    precision: str            # what really runs (runtime.precision_on)
     problems: list[str] = field(default_factory=list)
 
 

@@ -18,8 +18,9 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from imgembed.artifacts import l2_normalize, load_model, model_config, write_embeddings
-from imgembed.data import ImageDataset, build_transform, load_split, resolve_num_workers
+from imgembed.data import ImageDataset, build_transform, load_split
 from imgembed.model import eager_copy, embed_batches, prefer_channels_last
+from imgembed.runtime import default_device, precision_on, resolve_num_workers
 
 log = logging.getLogger("imgembed")
 
@@ -43,7 +44,7 @@ def embed_split(data_dir: Path, model_dir: Path, output: Path, cfg: dict[str, An
     writes `output`, the embeddings file (imgembed.artifacts). Returns the number of images."""
     net, info = load_embedding_net(model_dir)
     precision = info.get("precision", "no")
-    accelerator = Accelerator(mixed_precision=precision if torch.cuda.is_available() or precision != "fp16" else "no")
+    accelerator = Accelerator(mixed_precision=precision_on(default_device().type, precision))
     split_data = load_split(data_dir, split)
     transform = build_transform(info, cfg["data"], training=False)
     dataset = ImageDataset(split_data, transform, info["image_size"], cache_bytes=0)

@@ -14,7 +14,6 @@ the ranking is the same as by cosine similarity. Ties go to the earlier index it
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
@@ -31,6 +30,7 @@ from imgembed.artifacts import Embeddings, l2_normalize, load_model, read_embedd
 from imgembed.data import IMAGE_SUFFIXES, eval_image_transform, load_image
 from imgembed.errors import UserError
 from imgembed.metrics import nearest_neighbours
+from imgembed.runtime import autocast, default_device
 
 log = logging.getLogger("imgembed")
 
@@ -60,18 +60,9 @@ def image_transform(info: dict[str, Any]) -> Callable[[Image.Image], torch.Tenso
     return eval_image_transform(info)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The precision training validated with (model.json), where the device supports it."""
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16" and device.type == "cuda":
-        return torch.float16
-    return None
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return default_device()
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device available; use --device cpu")
     try:
@@ -121,7 +112,6 @@ def embed_files(net: torch.nn.Module, info: dict[str, Any], paths: Sequence[Path
         raise UserError(f"--workers {workers}: must be 0 or more")
     dev = resolve_device(device)
     net = net.to(dev).eval()
-    dtype = autocast_dtype(str(info.get("precision", "no")), dev)
     loader = DataLoader(_ImageFiles(paths, image_transform(info)), batch_size=batch_size, shuffle=False,
                         num_workers=workers, collate_fn=_collate, pin_memory=dev.type == "cuda")
     chunks: list[np.ndarray] = []
@@ -136,7 +126,7 @@ def embed_files(net: torch.nn.Module, info: dict[str, Any], paths: Sequence[Path
         skipped += len(errors)
         if images is None:
             continue
-        with torch.autocast(dev.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+        with autocast(str(info.get("precision", "no")), dev.type):
             out = net(images.to(dev, non_blocking=True))
         chunks.append(out.float().cpu().numpy())
         kept += positions

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import replace
@@ -27,20 +26,18 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from imgembed.config import fingerprint
-from imgembed.data import (ImageDataset, Split, build_transform, class_balanced_sampler, load_split,
-                           resolve_num_workers)
+from imgembed.data import ImageDataset, Split, build_transform, class_balanced_sampler, load_split
 from imgembed.errors import UserError
 from imgembed.artifacts import MODEL_FILE, describe_model, write_model_folder
 from imgembed.export import require_onnx
 from imgembed.files import atomic_path, write_json
 from imgembed.metrics import evaluate_embeddings
+from imgembed.runtime import (cpu_threads, distributed_on_cpu, effective_precision, resolve_data_cfg, resolve_model_cfg,
+                              resolve_num_workers, resolve_train_cfg)
 from imgembed.objectives import Objective, TripletObjective, build_objective  # noqa: F401 (TripletObjective: tests)
 from imgembed.model import EmbeddingNet, create_embedding_net, embed_batches, prefer_channels_last, preprocessing
 
 log = logging.getLogger("imgembed")
-
-AUTO_HEAD_EPOCHS = 2  # train.head_epochs `auto` with pretrained weights: GUIE's schedule (bench/README.md, "Unseen classes")
-
 
 # ---- the maths: schedule ----------------------------------------------------------------
 
@@ -203,101 +200,6 @@ def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 # ---- the training run --------------------------------------------------------------------
 
-def cpu_threads(processes: int, environ: dict[str, str] | None = None) -> int:
-    """Compute threads for each training process on the CPU.
-
-    `accelerate launch` sets OMP_NUM_THREADS to 1 unless its caller set it, so under `dvc repro`
-    (which sets nothing) training used one core of two: 35 % slower than under Snakemake, and
-    numerically different. Snakemake gives each job its thread budget in OMP_NUM_THREADS and in
-    MKL_NUM_THREADS, which accelerate leaves alone; so the budget is MKL_NUM_THREADS when the caller
-    set it (Snakemake's --cores, or a user's own limit), else every core this process may use,
-    shared among the training processes.
-    """
-    environ = os.environ if environ is None else environ
-    budget = environ.get("MKL_NUM_THREADS", "")
-    if budget.isdigit() and int(budget) > 0:
-        cores = int(budget)
-    else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, processes))
-
-
-def distributed_on_cpu(environ: dict[str, str] | None = None) -> bool:
-    """Several processes and no GPU (train.accelerate: multi_cpu): join them over gloo on the CPU.
-
-    accelerate launch starts local processes only through its multi-GPU launcher, which does not
-    pass the config's use_cpu on; without cpu=True each process would train alone on all the data.
-    """
-    environ = os.environ if environ is None else environ
-    return int(environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-
-
-def precision_on(device_type: str, requested: str) -> str:
-    """The precision that really runs on a device type ("cpu", "cuda"): accelerate quietly runs
-    fp16 as fp32 on the CPU. (Also used by `imgembed doctor` to say what a run would use.)"""
-    if requested == "fp16" and device_type == "cpu":
-        return "no"
-    return requested
-
-
-def effective_precision(accelerator: Accelerator, requested: str) -> str:
-    """What really runs, with a warning when it is not what the config asked for."""
-    precision = precision_on(accelerator.device.type, requested)
-    if precision != requested:
-        log.warning("train.mixed_precision=fp16 is not supported on the CPU: running in fp32; use bf16 for real mixed precision")
-    return precision
-
-
-def resolve_model_cfg(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """model.freeze_batchnorm `auto`: frozen for pretrained weights, whose ImageNet statistics beat
-    ones re-estimated on small batches of a small dataset; trained for a random init, whose
-    initial statistics mean nothing."""
-    if model_cfg["freeze_batchnorm"] == "auto":
-        return {**model_cfg, "freeze_batchnorm": bool(model_cfg["pretrained"])}
-    return model_cfg
-
-
-def resolve_data_cfg(data_cfg: dict[str, Any], model_cfg: dict[str, Any], train_labels: np.ndarray) -> dict[str, Any]:
-    """The `auto` data settings, decided here and nowhere else, and logged.
-
-    augment: on for pretrained weights, off for a random init. Measured on the sample digits
-    (efficientnet_b3, 64 px, bench/README.md): from random weights, random crops kept a short run
-    from fitting at all (val mP@5 0.19 after 4 epochs with them, 0.54 without; test 0.86 after 8
-    epochs without), while fine-tuning pretrained weights gained a little from them (test mP@5
-    0.979 with, 0.974 without).
-
-    classes_per_batch (P): min(8, training classes), so a first small dataset trains as is.
-    samples_per_class (K): min(4, images in the smallest training class), at least 2. pml's
-    MPerClassSampler draws any class, and repeats the images of a class smaller than K, which
-    would give an anchor copies of itself as positives. Explicit values are used as given
-    (class_balanced_sampler refuses a P above the number of classes).
-    """
-    data_cfg = dict(data_cfg)
-    if data_cfg["augment"] == "auto":
-        data_cfg["augment"] = bool(model_cfg["pretrained"])
-    _, counts = np.unique(train_labels, return_counts=True)
-    if data_cfg["classes_per_batch"] == "auto":
-        data_cfg["classes_per_batch"] = max(2, min(8, len(counts)))
-        log.info("data.classes_per_batch auto: %d (the training split has %d classes)", data_cfg["classes_per_batch"], len(counts))
-    if data_cfg["samples_per_class"] == "auto":
-        data_cfg["samples_per_class"] = max(2, min(4, int(counts.min()) if len(counts) else 4))
-        log.info("data.samples_per_class auto: %d (the smallest training class has %d images)",
-                 data_cfg["samples_per_class"], int(counts.min()) if len(counts) else 0)
-    return data_cfg
-
-
-def resolve_train_cfg(train_cfg: dict[str, Any], model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """train.head_epochs `auto`: AUTO_HEAD_EPOCHS for pretrained weights, 0 for a random init (a
-    head on random features learns nothing worth keeping); always 0 for a backbone frozen all run,
-    whose every epoch trains the head alone anyway; never more than train.epochs."""
-    head = train_cfg["head_epochs"]
-    if head == "auto":
-        head = AUTO_HEAD_EPOCHS if model_cfg["pretrained"] else 0
-    if model_cfg["freeze_backbone"]:
-        head = 0
-    return {**train_cfg, "head_epochs": min(int(head), train_cfg["epochs"])}
-
-
 def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     model_cfg = resolve_model_cfg(cfg["model"])
     train_cfg = resolve_train_cfg(cfg["train"], model_cfg)
@@ -307,7 +209,7 @@ def train_model(data_dir: Path, model_dir: Path, live_dir: Path, cfg: dict[str, 
     # While the head trains alone the backbone's weights take no part in the loss: DDP must be told.
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if head_epochs else []
     accelerator = Accelerator(mixed_precision=train_cfg["mixed_precision"], cpu=distributed_on_cpu(), kwargs_handlers=ddp)
-    precision = effective_precision(accelerator, train_cfg["mixed_precision"])
+    precision = effective_precision(accelerator.device.type, train_cfg["mixed_precision"])
     if accelerator.device.type == "cpu":
         torch.set_num_threads(cpu_threads(accelerator.num_processes))
     main = accelerator.is_main_process
