@@ -30,7 +30,7 @@ from imgembed.data import ImageDataset, Split, build_transform, class_balanced_s
 from imgembed.errors import UserError
 from imgembed.artifacts import MODEL_FILE, describe_model, write_model_folder
 from imgembed.export import require_onnx
-from imgembed.files import atomic_path, write_json
+from imgembed.files import FolderSwap, atomic_path, write_json
 from imgembed.metrics import evaluate_embeddings
 from imgembed.runtime import (cpu_threads, distributed_on_cpu, effective_precision, resolve_data_cfg, resolve_model_cfg,
                               resolve_num_workers, resolve_train_cfg)
@@ -38,6 +38,8 @@ from imgembed.objectives import Objective, TripletObjective, build_objective  # 
 from imgembed.model import EmbeddingNet, create_embedding_net, embed_batches, prefer_channels_last, preprocessing
 
 log = logging.getLogger("imgembed")
+
+STATE_FILE = "state.json"  # a checkpoint's record (fingerprint, epoch, best score, history)
 
 # ---- the maths: schedule ----------------------------------------------------------------
 
@@ -105,20 +107,23 @@ class Checkpoints:
 
     state.json records the config fingerprint, the last finished epoch, the best score and the
     per-epoch history, so a resumed run restores its logs too. A checkpoint made with other
-    settings is never resumed. Resuming reads the copy inside `last/`, which is swapped in
-    together with the weights, so the epoch count always belongs to the weights it describes;
-    the copy beside it is for people and tools.
+    settings is never resumed. `last/` is replaced by files.FolderSwap: the new state is saved
+    into `last.tmp/`, whose state.json is written last, then swapped in (the previous one passes
+    through `last.old/`), so a kill at any moment leaves one whole checkpoint and the epoch count
+    always belongs to the weights it describes. Resuming reads the copy inside `last/`; the copy
+    beside it is for people and tools.
     """
 
     def __init__(self, model_dir: Path, key: str) -> None:
         self.dir = model_dir / "checkpoints"
         self.key = key
-        self.state_file = self.dir / "state.json"
+        self.state_file = self.dir / STATE_FILE
         self.best_file = self.dir / "best.pt"
+        self.last = FolderSwap(self.dir / "last", STATE_FILE, staging_prefix="last.tmp", old_prefix="last.old")
 
     def load_state(self) -> dict[str, Any] | None:
         try:
-            state = json.loads((self.dir / "last" / "state.json").read_text())
+            state = json.loads((self.last.target / STATE_FILE).read_text())
         except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
             return None
         if state.get("fingerprint") != self.key:
@@ -127,40 +132,25 @@ class Checkpoints:
         return state
 
     def recover(self) -> None:
-        """Finish a swap that a kill interrupted between its renames (main process only).
-
-        `last.tmp` holding state.json is complete (state.json is written into it last) and newer
-        than `last.old`.
-        """
-        last = self.dir / "last"
-        if last.is_dir():
-            return
-        for candidate in (self.dir / "last.tmp", self.dir / "last.old"):
-            if (candidate / "state.json").is_file():
-                candidate.rename(last)
-                log.info("recovered the checkpoint %s left by an interrupted save", candidate)
-                return
+        """Finish a save that a kill interrupted between its renames (main process only)."""
+        self.last.recover()
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def save(self, accelerator: Accelerator, state: dict[str, Any]) -> None:
-        """Write the new state beside the old one, then swap: a kill at any point leaves one whole."""
-        tmp = self.dir / "last.tmp"
+        """Every process saves its part of the accelerate state into `last.tmp/`; the main one then
+        adds state.json and swaps it in."""
+        staging = self.dir / self.last.staging_prefix  # make_staging(token="") names it so on every process
         if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
+            self.last.make_staging(token="")
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        accelerator.save_state(str(staging))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json(tmp / "state.json", state)  # written last: a last.tmp with a state.json is whole
-            old = self.dir / "last.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if (self.dir / "last").exists():
-                (self.dir / "last").rename(old)
-            tmp.rename(self.dir / "last")
+            write_json(staging / STATE_FILE, state)  # written last: the marker of a whole checkpoint
+            self.last.swap(staging)
             write_json(self.state_file, state)
-            shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
     def save_best(self, net: nn.Module) -> None:
