@@ -117,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(configfile=None)
         return p
 
+    _add_workflow_stages(stage)
+    _add_model_tools(stage)
+    return parser
+
+
+# How build_parser adds one command: stage(name, func, help, config=True) -> its parser.
+AddStage = Callable[..., argparse.ArgumentParser]
+
+
+def _add_workflow_stages(stage: AddStage) -> None:
+    """The commands the workflow's rules run, with their inputs and outputs as arguments."""
     p = stage("sample", _sample, "build the sample dataset zip from scikit-learn's digits")
     p.add_argument("-o", "--output", type=Path, required=True, help="zip to write, e.g. data/sample.zip")
     p = stage("unpack", _unpack, "validate a dataset zip and unpack it atomically")
@@ -150,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-info", type=Path, required=True, help="model.json of the trained model (best epoch)")
     p.add_argument("-o", "--output", type=Path, required=True, help="plots folder")
 
+
+def _add_model_tools(stage: AddStage) -> None:
+    """The commands for a trained model and a machine, outside the workflow: search, index, doctor."""
+
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", type=Path, required=True, help="model folder with embedding_net.pt and model.json")
         p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: %(default)s)")
@@ -173,7 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image-decoding worker processes (default: %(default)s)")
     stage("doctor", _doctor, "check this machine or container before a run: versions, GPUs, the accelerate "
           "config and precision the config would use, writable work folders; non-zero exit on a problem")
-    return parser
 
 
 class LogFileTee(io.TextIOBase):
