@@ -19,6 +19,17 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture
+def restore_logging():
+    """main() points the imgembed logger at the test's stderr (or a log file); put it back afterwards."""
+    import logging
+
+    logger = logging.getLogger("imgembed")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved
+
+
+@pytest.fixture
 def fresh_accelerate_state():
     """Tests that create Accelerators in this process start and leave accelerate's state empty."""
     from helpers import reset_accelerate_state

@@ -6,7 +6,6 @@ in subprocesses to prove that nothing else (warnings, progress bars, tracebacks)
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 import zipfile
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import ROOT, TINY_CONFIG, make_dataset_zip, reset_accelerate_state
+from helpers import ROOT, TINY_CONFIG, make_dataset_zip
 
 from imgembed.cli import main
 from imgembed.artifacts import write_embeddings
@@ -24,14 +23,8 @@ from imgembed.artifacts import write_embeddings
 CONFIGS = [str(ROOT / "config" / "config.yaml"), str(TINY_CONFIG)]
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    """main() points the imgembed logger at this test's stderr; put it back afterwards."""
-    logger = logging.getLogger("imgembed")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-    reset_accelerate_state()
+# main() points the imgembed logger at each test's stderr, and a stage may create an Accelerator.
+pytestmark = pytest.mark.usefixtures("restore_logging", "fresh_accelerate_state")
 
 
 @pytest.fixture(scope="module")

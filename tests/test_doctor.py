@@ -4,7 +4,6 @@ was detected, tested here against hand-made GPU lists; the command itself runs o
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import os
 import subprocess
 import sys
@@ -30,12 +29,7 @@ def train(accelerate: str, precision: str = "bf16") -> dict:
     return {"accelerate": accelerate, "mixed_precision": precision}
 
 
-@pytest.fixture(autouse=True)
-def restore_logging():
-    logger = logging.getLogger("imgembed")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
+pytestmark = pytest.mark.usefixtures("restore_logging")
 
 
 def test_auto_uses_the_gpu_when_there_is_one_and_the_cpu_otherwise():

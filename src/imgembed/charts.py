@@ -190,7 +190,9 @@ def metrics_table_html(metrics: dict[str, Any], model_info: dict[str, Any]) -> s
 
 
 def write_charts(live_dir: Path, model_json: Path, report_dir: Path, output_dir: Path) -> None:
-    """training.png, comparison.png, per_class.png in output_dir; metrics.html beside them."""
+    """Reads live_dir (DVCLive's per-epoch metrics), model_json (the best epoch) and report_dir's
+    metrics.json, per_class.json and baseline_comparison.json; writes training.png,
+    comparison.png, per_class.png and metrics.html into output_dir."""
     report_dir, output_dir = Path(report_dir), Path(output_dir)
     model_info = read_json(model_json)
     plot_training(live_dir, model_info, output_dir / "training.png")

@@ -152,7 +152,9 @@ def report_lines(found: dict[str, str | None], cuda: tuple[str | None, str | Non
 
 
 def run_doctor(cfg: dict[str, Any], workdir: Path = Path(".")) -> list[str]:
-    """Probe this machine, print the report and return the problems found (empty: all good)."""
+    """Reads the accelerate config file that train.accelerate names (under workdir/config/accelerate/)
+    and probes this machine; writes nothing but the report on stdout. Returns the problems found
+    (empty: all good)."""
     accelerate_file = workdir / "config" / "accelerate" / f"{cfg['train']['accelerate']}.yaml"
     if not accelerate_file.is_file():
         raise UserError(f"{accelerate_file}: missing (train.accelerate: {cfg['train']['accelerate']})")

@@ -46,6 +46,8 @@ def digit_png(pixels: np.ndarray, upscale: int) -> bytes:
 
 
 def build_sample_zip(output: Path, sample_cfg: dict[str, Any]) -> dict[str, int]:
+    """Reads scikit-learn's bundled digits; writes `output`, a dataset zip (split/class/image.png)
+    as `unpack` takes it, split by sample_cfg. Returns the number of images per split."""
     digits = load_digits()
     splits = split_indices(digits.target, sample_cfg["val_fraction"], sample_cfg["test_fraction"], sample_cfg["seed"])
     counts = {}
