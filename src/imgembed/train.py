@@ -29,17 +29,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
+from imgembed.artifacts import MODEL_FILE, describe_model, write_model_folder
 from imgembed.config import fingerprint
 from imgembed.data import ImageDataset, Split, build_transform, class_balanced_sampler, load_split
 from imgembed.errors import UserError
-from imgembed.artifacts import MODEL_FILE, describe_model, write_model_folder
 from imgembed.export import require_onnx
 from imgembed.files import FolderSwap, atomic_path, write_json
 from imgembed.metrics import evaluate_embeddings
+from imgembed.model import EmbeddingNet, create_embedding_net, embed_batches, prefer_channels_last, preprocessing
+from imgembed.objectives import Objective, TripletObjective, build_objective  # noqa: F401 (TripletObjective: tests)
 from imgembed.runtime import (cpu_threads, distributed_on_cpu, effective_precision, resolve_data_cfg, resolve_model_cfg,
                               resolve_num_workers, resolve_train_cfg)
-from imgembed.objectives import Objective, TripletObjective, build_objective  # noqa: F401 (TripletObjective: tests)
-from imgembed.model import EmbeddingNet, create_embedding_net, embed_batches, prefer_channels_last, preprocessing
 
 log = logging.getLogger("imgembed")
 
