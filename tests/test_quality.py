@@ -25,15 +25,20 @@ def test_siamese_triplet_preset_validates_and_is_that_recipe():
     model, data, train = cfg["model"], cfg["data"], cfg["train"]
     assert model["freeze_backbone"] and model["head"] == "mlp" and model["head_hidden"] == [712, 256]
     assert model["normalize"] is False and data["augment"] is False
-    assert train["miner"] == "random" and train["loss_margin"] == 5.0 and train["distance"] == "squared_euclidean"
+    assert train["loss"] == "triplet" and train["miner"] == "random" and train["loss_margin"] == 5.0 and train["distance"] == "squared_euclidean"
     assert train["optimizer"] == "adam" and train["lr"] == 0.001 and train["scheduler"] == "step"
 
 
 def test_default_recipe_is_the_tuned_one():
+    from imgembed.runtime import resolve_train_cfg
+
     cfg = load_config([CONFIG])
-    assert cfg["model"]["normalize"] and not cfg["model"]["freeze_backbone"]
+    assert cfg["model"]["normalize"] and not cfg["model"]["freeze_backbone"] and cfg["model"]["embedding_dim"] == 256
     assert cfg["train"]["miner"] in ("semihard", "hard") and cfg["train"]["loss_margin"] < 1
-    assert 0 < cfg["train"]["backbone_lr"] < cfg["train"]["lr"] and cfg["train"]["warmup_epochs"] >= 1
+    for pretrained, loss in ((True, "arcface"), (False, "triplet")):  # bench/README.md, "Unseen classes"
+        train = resolve_train_cfg(cfg["train"], {**cfg["model"], "pretrained": pretrained})
+        assert train["loss"] == loss and 0 < train["backbone_lr"] < train["lr"]
+    assert cfg["train"]["warmup_epochs"] >= 1
     assert cfg["train"]["max_seconds"] == 0 and cfg["model"]["freeze_batchnorm"] == "auto"
 
 

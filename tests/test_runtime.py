@@ -83,11 +83,24 @@ def test_data_cfg_auto_values_from_the_training_split() -> None:
     assert runtime.resolve_data_cfg(DATA, MODEL, one_each)["samples_per_class"] == 2
 
 
+TRAIN = {"head_epochs": "auto", "epochs": 5, "loss": "auto", "lr": 0.001, "backbone_lr": "auto"}
+
+
 def test_train_cfg_head_epochs() -> None:
-    assert runtime.resolve_train_cfg({"head_epochs": "auto", "epochs": 5}, MODEL)["head_epochs"] == 2
-    assert runtime.resolve_train_cfg({"head_epochs": "auto", "epochs": 1}, MODEL)["head_epochs"] == 1  # capped
-    assert runtime.resolve_train_cfg({"head_epochs": 4, "epochs": 5}, {**MODEL, "freeze_backbone": True})["head_epochs"] == 0
-    assert runtime.resolve_train_cfg({"head_epochs": 0, "epochs": 5}, MODEL)["head_epochs"] == 0
+    assert runtime.resolve_train_cfg(TRAIN, MODEL)["head_epochs"] == 2
+    assert runtime.resolve_train_cfg({**TRAIN, "epochs": 1}, MODEL)["head_epochs"] == 1  # capped
+    assert runtime.resolve_train_cfg({**TRAIN, "head_epochs": 4}, {**MODEL, "freeze_backbone": True})["head_epochs"] == 0
+    assert runtime.resolve_train_cfg({**TRAIN, "head_epochs": 0}, MODEL)["head_epochs"] == 0
+
+
+def test_train_cfg_loss_and_backbone_lr_follow_pretrained() -> None:
+    pretrained = runtime.resolve_train_cfg(TRAIN, MODEL)
+    assert (pretrained["loss"], pretrained["backbone_lr"]) == ("arcface", pytest.approx(0.0001))
+    scratch = runtime.resolve_train_cfg(TRAIN, {**MODEL, "pretrained": False})
+    assert (scratch["loss"], scratch["backbone_lr"], scratch["head_epochs"]) == ("triplet", pytest.approx(0.0005), 0)
+    given = runtime.resolve_train_cfg({**TRAIN, "loss": "proxy_anchor", "backbone_lr": 0.0}, MODEL)
+    assert (given["loss"], given["backbone_lr"]) == ("proxy_anchor", 0.0)  # explicit values stay
+    assert TRAIN["loss"] == "auto"  # the input is left as it was
 
 
 def test_distributed_on_cpu_needs_several_processes_and_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:

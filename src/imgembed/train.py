@@ -436,12 +436,13 @@ def start_logging(run: Run, data: TrainingData, fit: Optimisation, live_dir: Pat
                                 "steps_per_epoch": fit.steps_per_epoch}, state["history"]) if run.main else None
     log.info(
         "training %s (%s, %s) on %s x%d%s, precision %s: %d train / %d val images, batch %d (%d classes x %d), "
-        "loss %s, %d epochs%s%s",
+        "loss %s, lr %g (backbone %g), %d epochs%s%s",
         model_cfg["backbone"], "pretrained" if model_cfg["pretrained"] else "random init",
         "frozen backbone" if run.frozen else "fine-tuned", accelerator.device.type,
         accelerator.num_processes, f" ({torch.get_num_threads()} threads each)" if accelerator.device.type == "cpu" else "",
         run.precision, len(data.train_split.paths), len(data.val_split.paths), data.batch_size,
-        data_cfg["classes_per_batch"], data_cfg["samples_per_class"], train_cfg["loss"], train_cfg["epochs"],
+        data_cfg["classes_per_batch"], data_cfg["samples_per_class"], train_cfg["loss"], train_cfg["lr"],
+        0.0 if run.frozen else train_cfg["backbone_lr"], train_cfg["epochs"],
         f" (the first {run.head_epochs} on the head alone)" if run.head_epochs else "",
         ", cached backbone features" if data.use_feature_cache else "",
     )
