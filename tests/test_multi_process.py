@@ -5,7 +5,8 @@ through tests/scripts/record_train.py, which records per process which images it
 embeddings validation saw and which files it wrote. Checked against a one-process run with the
 same seed: the two processes split the one-process batch sequence between them (even and odd
 batches), every batch is class-balanced, validation covers every image once, only the main
-process writes, and a SIGKILL mid-epoch resumes with both processes.
+process writes, and a SIGKILL mid-epoch resumes with both processes. With ArcFace (issue 16) the
+loss's class weights stay identical on both processes through the head-only and fine-tuning epochs.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def tiny_data(folder: Path) -> Path:
     return folder / "data"
 
 
-def train_command(folder: Path, data: Path, name: str, accelerate: str, epochs: int) -> list[str]:
+def train_command(folder: Path, data: Path, name: str, accelerate: str, epochs: int,
+                  train: dict | None = None) -> list[str]:
     override = folder / f"{name}.yaml"
-    override.write_text(yaml.safe_dump({"train": {"epochs": epochs, "accelerate": accelerate}}))
+    override.write_text(yaml.safe_dump({"train": {"epochs": epochs, "accelerate": accelerate, **(train or {})}}))
     return ["accelerate", "launch", "--quiet", "--config_file", str(ROOT / "config" / "accelerate" / f"{accelerate}.yaml"),
             str(RECORDER), "train", str(data), "-o", str(folder / name), "--live-dir", str(folder / f"live_{name}"),
             "--configfile", str(ROOT / "config" / "config.yaml"), str(TINY_CONFIG), str(override)]
@@ -54,8 +56,9 @@ def environment(folder: Path, name: str, sleep: float = 0.0) -> dict[str, str]:
     return {**os.environ, **THREADS, "RECORD_DIR": str(folder / f"record_{name}"), "STEP_SLEEP": str(sleep)}
 
 
-def run(folder: Path, data: Path, name: str, accelerate: str, epochs: int) -> subprocess.CompletedProcess:
-    result = subprocess.run(train_command(folder, data, name, accelerate, epochs), env=environment(folder, name),
+def run(folder: Path, data: Path, name: str, accelerate: str, epochs: int,
+        train: dict | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(train_command(folder, data, name, accelerate, epochs, train), env=environment(folder, name),
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -163,6 +166,20 @@ def test_sigkill_mid_epoch_resumes_with_both_processes(tmp_path):
     assert (tmp_path / "victim" / "embedding_net.pt").is_file()
     rows = (tmp_path / "live_victim" / "plots" / "metrics" / "train" / "loss.tsv").read_text().splitlines()
     assert len(rows) == 1 + 3
+
+
+def test_arcface_class_weights_stay_in_step_on_both_processes(tmp_path):
+    """A classification loss's class weights are parameters of the objective: DDP must average
+    their gradients, or each process would train its own copy (issue 16, with the head epochs)."""
+    data = tiny_data(tmp_path)
+    result = run(tmp_path, data, "arcface", "multi_cpu", epochs=2, train={"loss": "arcface", "head_epochs": 1})
+    assert "on cpu x2" in result.stderr and "the head trained alone for 1 epochs" in result.stderr
+    weights = {rank: [line for line in lines if line.startswith("objective ")] for rank, lines in records(tmp_path, "arcface").items()}
+    assert sorted(weights) == [0, 1] and len(weights[0]) == 2  # after each of the two epochs
+    assert weights[0] == weights[1]  # identical on both processes, bit for bit
+    assert weights[0][0] != weights[0][1]  # and they trained
+    info = json.loads((tmp_path / "arcface" / "model.json").read_text())
+    assert info["loss"] == "arcface" and info["head_epochs"] == 1
 
 
 def test_snakemake_trains_with_multi_cpu(tmp_path):

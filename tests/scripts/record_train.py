@@ -2,6 +2,7 @@
 
 Each process appends to `$RECORD_DIR/rank<RANK>.txt` one line per event:
   `epoch N`       an epoch's training steps begin
+  `objective H`   an epoch ended; H digests the loss's own parameters (class weights), if it has any
   `item PATH`     the dataset served an image (train/... while training, val/... while validating)
   `validated N`   validation metrics were computed over N embeddings (after gathering)
   `step`          a loss is computed (then sleeps $STEP_SLEEP seconds, touching no RNG)
@@ -9,6 +10,7 @@ Each process appends to `$RECORD_DIR/rank<RANK>.txt` one line per event:
   `live`          DVCLive was opened
 """
 
+import hashlib
 import os
 import sys
 import time
@@ -43,9 +45,13 @@ def getitem(self, index):
     return original_getitem(self, index)
 
 
-def run_epoch(epoch, *args, **kwargs):
+def run_epoch(epoch, model, objective, *args, **kwargs):
     note(f"epoch {epoch}")
-    return original_run_epoch(epoch, *args, **kwargs)
+    result = original_run_epoch(epoch, model, objective, *args, **kwargs)
+    params = [p.detach().cpu().numpy().tobytes() for p in objective.parameters()]
+    if params:
+        note(f"objective {hashlib.sha256(b''.join(params)).hexdigest()[:16]}")
+    return result
 
 
 def evaluate_embeddings(embeddings, labels, *args, **kwargs):
