@@ -60,7 +60,9 @@ def test_backbone_factor_is_zero_while_the_head_trains_alone_then_warms_up_and_d
 def test_head_epochs_auto_and_its_limits() -> None:
     from imgembed import runtime
 
-    resolve = runtime.resolve_train_cfg
+    def resolve(train: dict, model: dict) -> dict:
+        return runtime.resolve_train_cfg({"loss": "triplet", "lr": 0.001, "backbone_lr": 0.0005, **train}, model)
+
     pretrained = {"pretrained": True, "freeze_backbone": False}
     assert resolve({"head_epochs": "auto", "epochs": 10}, pretrained)["head_epochs"] == runtime.AUTO_HEAD_EPOCHS
     assert resolve({"head_epochs": "auto", "epochs": 10}, {**pretrained, "pretrained": False})["head_epochs"] == 0

@@ -83,7 +83,7 @@ def test_data_cfg_auto_values_from_the_training_split() -> None:
     assert runtime.resolve_data_cfg(DATA, MODEL, one_each)["samples_per_class"] == 2
 
 
-TRAIN = {"head_epochs": "auto", "epochs": 5, "loss": "auto", "lr": 0.001, "backbone_lr": "auto"}
+TRAIN = {"head_epochs": "auto", "epochs": 5, "loss": "auto", "lr": "auto", "backbone_lr": "auto"}
 
 
 def test_train_cfg_head_epochs() -> None:
@@ -93,14 +93,14 @@ def test_train_cfg_head_epochs() -> None:
     assert runtime.resolve_train_cfg({**TRAIN, "head_epochs": 0}, MODEL)["head_epochs"] == 0
 
 
-def test_train_cfg_loss_and_backbone_lr_follow_pretrained() -> None:
+def test_train_cfg_loss_and_learning_rates_follow_pretrained() -> None:
     pretrained = runtime.resolve_train_cfg(TRAIN, MODEL)
-    assert (pretrained["loss"], pretrained["backbone_lr"]) == ("arcface", pytest.approx(0.0001))
+    assert (pretrained["loss"], pretrained["lr"], pretrained["backbone_lr"]) == ("arcface", 0.0003, 0.0001)
     scratch = runtime.resolve_train_cfg(TRAIN, {**MODEL, "pretrained": False})
-    assert (scratch["loss"], scratch["backbone_lr"], scratch["head_epochs"]) == ("triplet", pytest.approx(0.0005), 0)
-    given = runtime.resolve_train_cfg({**TRAIN, "loss": "proxy_anchor", "backbone_lr": 0.0}, MODEL)
-    assert (given["loss"], given["backbone_lr"]) == ("proxy_anchor", 0.0)  # explicit values stay
-    assert TRAIN["loss"] == "auto"  # the input is left as it was
+    assert (scratch["loss"], scratch["lr"], scratch["backbone_lr"], scratch["head_epochs"]) == ("triplet", 0.001, 0.0005, 0)
+    given = runtime.resolve_train_cfg({**TRAIN, "loss": "proxy_anchor", "lr": 0.01, "backbone_lr": 0.0}, MODEL)
+    assert (given["loss"], given["lr"], given["backbone_lr"]) == ("proxy_anchor", 0.01, 0.0)  # explicit values stay
+    assert TRAIN["loss"] == TRAIN["lr"] == "auto"  # the input is left as it was
 
 
 def test_distributed_on_cpu_needs_several_processes_and_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
