@@ -47,9 +47,11 @@ def test_metrics_table_says_when_the_start_was_exported():
     assert START_EXPORTED not in metrics_table_html(metrics, {"best_epoch": 2, "best_val_map_at_5": 0.4})
 
 
-def write_live(live: Path, train_epochs: int, val_epochs: int) -> None:
+def write_live(live: Path, train_epochs: int, val_epochs: int, val_loss: bool = True) -> None:
     for name, count in (("train/loss", train_epochs), ("train/lr", train_epochs), ("val/loss", val_epochs),
                         ("val/precision_at_1", val_epochs), ("val/map_at_5", val_epochs)):
+        if name == "val/loss" and not val_loss:
+            continue
         path = live / "plots" / "metrics" / f"{name}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
         short = name.split("/")[1]
@@ -57,10 +59,11 @@ def write_live(live: Path, train_epochs: int, val_epochs: int) -> None:
         path.write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("best_epoch", [0, 2])
-def test_write_charts(tmp_path, best_epoch):
+@pytest.mark.parametrize("best_epoch,val_loss", [(0, True), (2, True), (2, False)])
+def test_write_charts(tmp_path, best_epoch, val_loss):
     live, reports = tmp_path / "train", tmp_path / "reports"
-    write_live(live, train_epochs=3, val_epochs=4)  # a run that also validated the start (epoch 0)
+    # A run that also validated the start (epoch 0); ArcFace and the other class losses log no val loss.
+    write_live(live, train_epochs=3, val_epochs=4, val_loss=val_loss)
     (tmp_path / "model.json").write_text(json.dumps({"epochs": 3, "best_epoch": best_epoch, "best_val_map_at_5": 0.7}))
     reports.mkdir()
     (reports / "metrics.json").write_text(json.dumps({"precision_at_1": 0.8, "map_at_5": 0.7, "num_queries": 9}))

@@ -32,7 +32,9 @@ def write_override(project: Path, name: str, data: dict) -> str:
     return str(path.relative_to(project))
 
 
-def check_outputs(project: Path, dataset: str, classes: int, test_images: int, embedding_dim: int) -> dict:
+def check_outputs(project: Path, dataset: str, classes: int, test_images: int, embedding_dim: int,
+                  val_loss: bool = True) -> dict:
+    """Every output of a finished run; `val_loss` False for a classification loss (ArcFace...), which logs none."""
     manifest = json.loads((project / f"data/{dataset}/manifest.json").read_text())
     assert len(manifest["classes"]) == classes
     assert sum(manifest["counts"]["test"].values()) == test_images
@@ -69,7 +71,7 @@ def check_outputs(project: Path, dataset: str, classes: int, test_images: int, e
 
     live = project / f"reports/{dataset}/train"
     for name in ("train/loss", "val/loss", "val/precision_at_1", "val/map_at_5", "train/lr"):
-        assert (live / "plots" / "metrics" / f"{name}.tsv").is_file(), name
+        assert (live / "plots" / "metrics" / f"{name}.tsv").is_file() == (val_loss or name != "val/loss"), name
     assert (live / "params.yaml").is_file()
     for name in ("embedding.png", "retrievals.png"):
         png = project / f"reports/{dataset}/plots/{name}"
@@ -119,6 +121,26 @@ def test_snakemake_with_local_weights_file(tmp_path):
     for key, value in reference.state_dict().items():
         if not key.startswith("classifier"):
             assert torch.equal(state[f"backbone.{key}"], value), key
+
+
+def test_snakemake_default_recipe_from_pretrained_weights_is_arcface_head_first(tmp_path):
+    """The `auto` recipe a real user gets (issue 16): ArcFace, the head alone on cached features,
+    then the backbone at 1e-4; model.json and the log say what `auto` chose."""
+    project = copy_project(tmp_path / "project")
+    make_dataset_zip(project / "data" / "tiny.zip", classes=3, per_split={"train": 8, "val": 4, "test": 4})
+    weights = project / "weights.pth"
+    torch.save(timm.create_model("test_efficientnet", pretrained=False).state_dict(), weights)
+    override = write_override(project, "test", {
+        "datasets": ["tiny"], "model": {"pretrained": True, "weights": str(weights)}, "train": {"epochs": 3}})
+    snakemake(project, "--configfile", "config/config.yaml", "tests/fixtures/tiny.yaml", override)
+    check_outputs(project, "tiny", classes=3, test_images=12, embedding_dim=16, val_loss=False)
+    info = json.loads((project / "models/tiny/model.json").read_text())
+    assert (info["loss"], info["head_epochs"]) == ("arcface", 2)
+    log = (project / "logs" / "train" / "tiny.log").read_text()
+    assert "loss arcface, lr 0.0003 (backbone 0.0001), 3 epochs (the first 2 on the head alone), cached backbone features" in log
+    assert "now fine-tuning the backbone too" in log
+    # The training curves without a val loss (ArcFace knows only the training classes).
+    assert (project / "reports/tiny/plots/training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_missing_dataset_zip_stops_with_dvc_hint(tmp_path):

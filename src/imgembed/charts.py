@@ -30,6 +30,8 @@ log = logging.getLogger("imgembed")
 # DVCLive metric name -> what the curves picture calls it.
 CURVES = {"train/loss": "train loss", "val/loss": "val loss", "val/precision_at_1": "val P@1",
           "val/map_at_5": "val mP@5", "train/lr": "learning rate (head)"}
+# Curves a run may lack: classification-style losses (ArcFace...) know only the training classes, so no val loss.
+OPTIONAL_CURVES = ("val/loss",)
 START_EXPORTED = "training did not beat the starting weights; the start was exported"
 METRIC_NAMES = {  # metrics.json key -> (short name, what it means)
     "precision_at_1": ("P@1", "the nearest other test image has the query's class"),
@@ -105,15 +107,20 @@ def save_figure(fig: plt.Figure, path: Path) -> None:
 def plot_training(live_dir: Path, model_info: dict[str, Any], path: Path) -> None:
     """Three panels over the epochs: losses, validation retrieval, learning rate; best epoch marked."""
     metrics_dir = Path(live_dir) / "plots" / "metrics"
-    values = {name: read_live_tsv(metrics_dir / f"{name}.tsv") for name in CURVES}
+    values = {name: read_live_tsv(metrics_dir / f"{name}.tsv") for name in CURVES
+              if name not in OPTIONAL_CURVES or (metrics_dir / f"{name}.tsv").is_file()}
     epochs_trained = int(model_info.get("epochs", len(values["val/map_at_5"])))
     best = model_info.get("best_epoch")
     fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True, layout="constrained")  # readable when scaled down
-    panels = [(axes[0], ("train/loss", "val/loss"), "loss (lower is better)"),
+    loss_title = "loss (lower is better)" if "val/loss" in values else \
+        f"loss (lower is better; {model_info.get('loss', 'this')} loss has no val loss: it knows only the training classes)"
+    panels = [(axes[0], ("train/loss", "val/loss"), loss_title),
               (axes[1], ("val/precision_at_1", "val/map_at_5"), "validation retrieval (higher is better)"),
               (axes[2], ("train/lr",), "learning rate")]
     for ax, names, title in panels:
         for name, style in zip(names, ("o-", "s--")):
+            if name not in values:
+                continue
             ys = values[name]
             ax.plot(epoch_numbers(len(ys), epochs_trained), ys, style, label=CURVES[name], markersize=4)
         if best is not None:
