@@ -220,7 +220,11 @@ def test_entrypoint_stops_with_one_line_on_an_unwritable_work_folder(stub_path):
         work.chmod(0o755)
         (work / "data").mkdir()
         (work / "reports").mkdir(mode=0o555)
-        command = ["sh", str(ENTRYPOINT)]
+        # A copy the other uid can read wherever the checkout is (CI clones into private folders).
+        entrypoint = work / "entrypoint.sh"
+        shutil.copy(ENTRYPOINT, entrypoint)
+        entrypoint.chmod(0o755)
+        command = ["sh", str(entrypoint)]
         uid = os.getuid()
         if os.geteuid() == 0:  # root writes anywhere: run as another user, as the container would
             if shutil.which("setpriv") is None:
