@@ -6,6 +6,7 @@ nothing from tests/); they are re-exported here under their old names.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,3 +33,13 @@ def reset_accelerate_state() -> None:
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def find_tool(name: str) -> str | None:
+    """A command-line tool installed by a PyPI wheel (hadolint, actionlint): on PATH, or in the
+    running Python's bin folder when the venv is not activated."""
+    found = shutil.which(name)
+    if found:
+        return found
+    beside_python = Path(sys.executable).parent / name
+    return str(beside_python) if beside_python.exists() else None

